@@ -1,0 +1,4 @@
+"""Signing in and out."""
+from portal.auth.routes import bp
+
+__all__ = ["bp"]

@@ -1,0 +1,47 @@
+"""Invoices of an organization: finding and opening the current one."""
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from portal.billing.cycles import cycle_containing
+from portal.extensions import db
+from portal.models import Invoice, Organization
+from portal.models.types import utcnow
+
+
+def open_invoice(organization: Organization) -> Invoice | None:
+    """The organization's open invoice, if it has one."""
+    return db.session.scalar(
+        select(Invoice).where(Invoice.organization_id == organization.id, Invoice.status == "open")
+    )
+
+
+def ensure_open_invoice(organization: Organization, at: datetime | None = None) -> Invoice:
+    """The open invoice, created for the cycle holding `at` when there is none.
+
+    Safe under concurrency: the partial unique index allows one open invoice per
+    organization, so a racing creator loses, rolls back to its savepoint, and reads
+    the winner's row.
+    """
+    invoice = open_invoice(organization)
+    if invoice is not None:
+        return invoice
+    start, end = cycle_containing(at or utcnow(), organization.cycle_anchor_day)
+    invoice = Invoice(
+        organization_id=organization.id,
+        period_start=start,
+        period_end=end,
+        status="open",
+        currency=organization.currency,
+    )
+    try:
+        with db.session.begin_nested():
+            db.session.add(invoice)
+    except IntegrityError:
+        invoice = open_invoice(organization)
+        if invoice is None:
+            raise
+    return invoice

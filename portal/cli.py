@@ -1,0 +1,61 @@
+"""Operations as Flask CLI commands: `flask --app wsgi <command>`."""
+from __future__ import annotations
+
+import sys
+
+import click
+from flask import Flask
+from sqlalchemy import select
+
+from portal.extensions import db
+from portal.models import Membership, Organization, User
+
+
+def register_commands(app: Flask) -> None:
+    app.cli.add_command(seed_demo)
+    app.cli.add_command(create_user)
+
+
+@click.command("seed-demo")
+def seed_demo() -> None:
+    """A catalog, organizations, users and usage to look at (safe to run twice)."""
+    from portal.demo import seed
+
+    created = seed()
+    db.session.commit()
+    click.echo("Demo data created." if created else "Demo data already present; nothing changed.")
+
+
+@click.command("create-user")
+@click.argument("email")
+@click.option("--support", is_flag=True, help="A support staff account (sees every organization).")
+@click.option("--org", "org_slug", help="Make the user a member of this organization.")
+@click.option("--role", type=click.Choice(["owner", "member"]), default="member", show_default=True)
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+def create_user(email: str, support: bool, org_slug: str | None, role: str, password_stdin: bool) -> None:
+    """Create a user: support staff (--support) or a member of an organization (--org)."""
+    if support == bool(org_slug):
+        raise click.UsageError("give exactly one of --support or --org SLUG")
+    email = email.strip().lower()
+    if "@" not in email:
+        raise click.BadParameter("not an email address", param_hint="EMAIL")
+    if db.session.scalar(select(User).where(User.email == email)):
+        raise click.ClickException(f"a user with email {email} exists already")
+    organization = None
+    if org_slug:
+        organization = db.session.scalar(select(Organization).where(Organization.slug == org_slug))
+        if organization is None:
+            raise click.ClickException(f"no organization with slug {org_slug!r}")
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    if len(password) < 8:
+        raise click.ClickException("the password must have at least 8 characters")
+    user = User(email=email, is_support=support)
+    user.set_password(password)
+    db.session.add(user)
+    if organization is not None:
+        db.session.add(Membership(user=user, organization=organization, role=role))
+    db.session.commit()
+    click.echo(f"Created {'support user' if support else role} {email}.")

@@ -1,0 +1,27 @@
+"""The portal's data model, split by aggregate."""
+from portal.models.accounts import Membership, Organization, User
+from portal.models.audit import AuditEntry
+from portal.models.billing import (
+    INVOICE_STATUSES,
+    Invoice,
+    InvoiceItem,
+    SyncRun,
+)
+from portal.models.catalog import Product
+from portal.models.stripe_events import StripeEvent
+from portal.models.usage import ServiceAttachment, UsageEvent
+
+__all__ = [
+    "INVOICE_STATUSES",
+    "AuditEntry",
+    "Invoice",
+    "InvoiceItem",
+    "Membership",
+    "Organization",
+    "Product",
+    "ServiceAttachment",
+    "StripeEvent",
+    "SyncRun",
+    "UsageEvent",
+    "User",
+]

@@ -1,0 +1,158 @@
+"""Invoices, their items, and the record of every sync with Stripe."""
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from portal.extensions import db
+from portal.models.accounts import Organization
+from portal.models.catalog import Product
+from portal.models.types import PRICE, QUANTITY, BigIntPK, UTCDateTime, utcnow
+
+# open -> closing -> finalized -> paid | uncollectible | void
+INVOICE_STATUSES = ("open", "closing", "finalized", "paid", "uncollectible", "void")
+SYNC_TRIGGERS = ("schedule", "manual", "usage", "cycle_close", "webhook")
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Invoice(db.Model):
+    __tablename__ = "invoices"
+    __table_args__ = (
+        CheckConstraint(_in("status", INVOICE_STATUSES), name="status_known"),
+        CheckConstraint("period_end > period_start", name="period_not_empty"),
+        CheckConstraint("synced_seq <= change_seq", name="synced_not_ahead"),
+        # Exactly one open invoice per organization, held by the database.
+        Index(
+            "uq_invoices_one_open_per_org",
+            "organization_id",
+            unique=True,
+            postgresql_where=text("status = 'open'"),
+            sqlite_where=text("status = 'open'"),
+        ),
+        Index("ix_invoices_org_period", "organization_id", "period_start"),
+        # What the periodic sync sweeps: invoices with changes not yet at Stripe.
+        Index(
+            "ix_invoices_unsynced",
+            "id",
+            postgresql_where=text("change_seq > synced_seq"),
+            sqlite_where=text("change_seq > synced_seq"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    organization_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"))
+    period_start: Mapped[datetime] = mapped_column(UTCDateTime)
+    period_end: Mapped[datetime] = mapped_column(UTCDateTime)
+    status: Mapped[str] = mapped_column(String(16), default="open")
+    currency: Mapped[str] = mapped_column(String(3), default="usd")
+    total_cents: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Bumped in the same transaction as any change to the items; a sync records the
+    # value it made Stripe match. Unsynced changes exist while change_seq > synced_seq.
+    change_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    synced_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    stripe_invoice_id: Mapped[str | None] = mapped_column(String(255), unique=True)
+    number: Mapped[str | None] = mapped_column(String(64))
+    hosted_invoice_url: Mapped[str | None] = mapped_column(Text)
+    invoice_pdf: Mapped[str | None] = mapped_column(Text)
+    # `created` of the newest Stripe event applied, so an older event changes nothing.
+    stripe_state_at: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    finalized_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    paid_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    organization: Mapped[Organization] = relationship()
+    items: Mapped[list[InvoiceItem]] = relationship(
+        back_populates="invoice", order_by="InvoiceItem.id", cascade="all, delete-orphan"
+    )
+
+    @property
+    def has_unsynced_changes(self) -> bool:
+        return self.change_seq > self.synced_seq
+
+    def __repr__(self) -> str:
+        return f"<Invoice {self.id} org={self.organization_id} {self.status}>"
+
+
+class InvoiceItem(db.Model):
+    """One priced line of the portal's invoice: a (product, resource) aggregate, or a
+    line for an earlier period's late usage (distinguished by `line_key`)."""
+
+    __tablename__ = "invoice_items"
+    __table_args__ = (
+        UniqueConstraint("invoice_id", "line_key", name="uq_invoice_items_invoice_line_key"),
+        CheckConstraint("quantity >= 0", name="quantity_non_negative"),
+        CheckConstraint("version >= 1", name="version_positive"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    invoice_id: Mapped[int] = mapped_column(ForeignKey("invoices.id", ondelete="CASCADE"), index=True)
+    product_id: Mapped[int] = mapped_column(ForeignKey("products.id"))
+    line_key: Mapped[str] = mapped_column(String(400))
+    resource: Mapped[str] = mapped_column(String(200), default="")
+    description: Mapped[str] = mapped_column(String(500))
+    quantity: Mapped[Decimal] = mapped_column(QUANTITY, default=Decimal(0))
+    unit_price: Mapped[Decimal] = mapped_column(PRICE)
+    amount_cents: Mapped[int] = mapped_column(BigInteger, default=0)
+    # For late usage: the earlier period this line bills.
+    origin_period_start: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    origin_period_end: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Content version, bumped on every change; sync keys its Stripe writes on it.
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    synced_version: Mapped[int | None] = mapped_column(Integer)
+    stripe_invoice_item_id: Mapped[str | None] = mapped_column(String(255))
+    stripe_line_id: Mapped[str | None] = mapped_column(String(255))
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+    invoice: Mapped[Invoice] = relationship(back_populates="items")
+    product: Mapped[Product] = relationship()
+
+
+class SyncRun(db.Model):
+    __tablename__ = "sync_runs"
+    __table_args__ = (
+        CheckConstraint(_in("trigger", SYNC_TRIGGERS), name="trigger_known"),
+        Index("ix_sync_runs_invoice_started", "invoice_id", "started_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    invoice_id: Mapped[int] = mapped_column(ForeignKey("invoices.id", ondelete="CASCADE"))
+    trigger: Mapped[str] = mapped_column(String(16))
+    job_id: Mapped[str | None] = mapped_column(String(100))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    outcome: Mapped[str | None] = mapped_column(String(32))
+    created: Mapped[int] = mapped_column(Integer, default=0)
+    updated: Mapped[int] = mapped_column(Integer, default=0)
+    deleted: Mapped[int] = mapped_column(Integer, default=0)
+    unchanged: Mapped[int] = mapped_column(Integer, default=0)
+    stripe_reads: Mapped[int] = mapped_column(Integer, default=0)
+    stripe_writes: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+
+    invoice: Mapped[Invoice] = relationship()
+
+    @property
+    def stripe_calls(self) -> int:
+        return self.stripe_reads + self.stripe_writes
+
+    @property
+    def duration_seconds(self) -> float | None:
+        if self.finished_at is None:
+            return None
+        return (self.finished_at - self.started_at).total_seconds()

@@ -1,0 +1,121 @@
+"""Money: decimal prices and quantities in, integer cents out.
+
+The one rounding rule: a line's exact amount (quantity x unit price, in decimal
+cents) is rounded once, to the nearest cent, halves away from zero
+(ROUND_HALF_UP), at the moment the line's amount is computed. Nothing else
+rounds. Sums of lines are sums of those integers, so an invoice's total is exactly
+the sum of its lines, and a roll-up line's amount is exactly the sum of the lines
+it rolls up. Every amount the portal stores or sends to Stripe comes from here.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from datetime import datetime
+from decimal import ROUND_HALF_UP, Context, Decimal, InvalidOperation
+
+# Enough digits for a billion units at a ten-place price without silent rounding.
+_CONTEXT = Context(prec=60, traps=[InvalidOperation])
+
+# Quantities beyond this are refused as absurd rather than billed.
+MAX_QUANTITY = Decimal("1e12")
+QUANTITY_PLACES = 9
+
+
+class MoneyError(ValueError):
+    """A value that cannot be billed: not a finite decimal, negative, or absurd."""
+
+
+def to_decimal(value: object, *, field: str = "value") -> Decimal:
+    """Parse a price or quantity given as str, int, Decimal or float (a float by its
+    shortest repr, the decimal its sender wrote). Refuses bools, NaN and infinities."""
+    if isinstance(value, bool):
+        raise MoneyError(f"{field} must be a decimal number")
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise MoneyError(f"{field} must be a finite decimal number")
+        # A float's shortest repr is the decimal its sender wrote.
+        value = repr(value)
+    try:
+        number = Decimal(value) if isinstance(value, (str, int, Decimal)) else None
+    except (InvalidOperation, ValueError):
+        number = None
+    if number is None or not number.is_finite():
+        raise MoneyError(f"{field} must be a finite decimal number")
+    return number
+
+
+def quantity(value: object, *, field: str = "quantity") -> Decimal:
+    """A usage or service quantity: finite, non-negative, at most MAX_QUANTITY, and
+    with at most nine decimal places (what the database keeps)."""
+    number = to_decimal(value, field=field)
+    if number < 0:
+        raise MoneyError(f"{field} must not be negative")
+    if number > MAX_QUANTITY:
+        raise MoneyError(f"{field} is larger than {MAX_QUANTITY:f}")
+    if number != number.quantize(Decimal(1).scaleb(-QUANTITY_PLACES), context=_CONTEXT):
+        raise MoneyError(f"{field} has more than {QUANTITY_PLACES} decimal places")
+    return number
+
+
+def round_cents(exact_cents: Decimal) -> int:
+    """Round exact decimal cents to integer cents: nearest, halves away from zero."""
+    return int(exact_cents.quantize(Decimal(1), rounding=ROUND_HALF_UP, context=_CONTEXT))
+
+
+def line_amount(quantity: Decimal, unit_price_cents: Decimal) -> int:
+    """The amount of one line in integer cents: quantity x unit price, rounded once."""
+    return round_cents(_CONTEXT.multiply(quantity, unit_price_cents))
+
+
+def prorated_amount(
+    quantity: Decimal,
+    unit_price_cents: Decimal,
+    attached_seconds: int,
+    period_seconds: int,
+) -> int:
+    """A recurring service's charge for the part of the period it was attached, to
+    the second: quantity x price x attached/period, rounded once."""
+    if period_seconds <= 0:
+        raise MoneyError("period must be longer than zero seconds")
+    attached_seconds = max(0, min(attached_seconds, period_seconds))
+    exact = _CONTEXT.divide(
+        _CONTEXT.multiply(_CONTEXT.multiply(quantity, unit_price_cents), Decimal(attached_seconds)),
+        Decimal(period_seconds),
+    )
+    return round_cents(exact)
+
+
+def seconds_between(start: datetime, end: datetime) -> int:
+    """Whole seconds from start to end (never negative)."""
+    return max(0, int((end - start).total_seconds()))
+
+
+def total(amounts: Iterable[int]) -> int:
+    """The total of integer-cent amounts (a plain sum: no rounding happens here)."""
+    result = 0
+    for amount in amounts:
+        if not isinstance(amount, int) or isinstance(amount, bool):
+            raise MoneyError("amounts are integer cents")
+        result += amount
+    return result
+
+
+def format_money(cents: int, currency: str = "usd") -> str:
+    """Display integer cents, e.g. 123456 usd -> '$1,234.56'."""
+    symbol = {"usd": "$", "eur": "€", "gbp": "£"}.get(currency.lower())
+    sign = "-" if cents < 0 else ""
+    whole, part = divmod(abs(cents), 100)
+    text = f"{whole:,}.{part:02d}"
+    return f"{sign}{symbol}{text}" if symbol else f"{sign}{text} {currency.upper()}"
+
+
+def format_price(unit_price_cents: Decimal) -> str:
+    """A decimal-cent price as dollars for display, without losing precision."""
+    dollars = _CONTEXT.divide(unit_price_cents, Decimal(100)).normalize(_CONTEXT)
+    text = f"{dollars:f}"
+    if "." not in text:
+        text += ".00"
+    elif len(text.split(".")[1]) < 2:
+        text += "0"
+    return "$" + text

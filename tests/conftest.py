@@ -1,0 +1,130 @@
+"""Fixtures: `app`, `db`, `client`, `runner`, `auth`, `redis_url`, `make` (factories).
+
+Tests commit for real (the concurrency and crash tests need it); every test that
+uses `app` starts from empty tables and an empty Redis database.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from flask import Flask
+from sqlalchemy import text
+
+from config import TestConfig, database_url
+from tests.factories import Factories
+from tests.services import RedisServer, redis_url_from_env, require_database, require_redis
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory) -> str:
+    url = redis_url_from_env()
+    if url:
+        require_redis(url)
+        yield url
+        return
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def database_uri(tmp_path_factory) -> str:
+    url = os.environ.get("TEST_DATABASE_URL")
+    if url:
+        url = database_url(url)
+        require_database(url)
+        return url
+    return f"sqlite:///{tmp_path_factory.mktemp('db') / 'test.db'}"
+
+
+@pytest.fixture(scope="session")
+def _session_app(database_uri: str, redis_url: str) -> Flask:
+    from flask_migrate import upgrade
+
+    from portal import create_app
+    from portal.extensions import db
+
+    class Config(TestConfig):
+        SQLALCHEMY_DATABASE_URI = database_uri
+        REDIS_URL = redis_url
+
+    app = create_app(Config)
+    with app.app_context():
+        if db.engine.dialect.name == "postgresql":
+            with db.engine.begin() as connection:
+                connection.execute(text("DROP SCHEMA public CASCADE"))
+                connection.execute(text("CREATE SCHEMA public"))
+        upgrade()  # the real migrations, not create_all: tests prove them too
+    yield app
+    with app.app_context():
+        db.engine.dispose()
+
+
+def _empty_tables() -> None:
+    from portal.extensions import db
+
+    tables = [table for table in reversed(db.metadata.sorted_tables)]
+    with db.engine.begin() as connection:
+        if db.engine.dialect.name == "postgresql":
+            names = ", ".join(table.name for table in tables)
+            connection.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
+        else:
+            for table in tables:
+                connection.execute(table.delete())
+
+
+@pytest.fixture
+def app(_session_app: Flask) -> Flask:
+    from portal.extensions import db
+    from portal.queue import redis_connection
+
+    with _session_app.app_context():
+        _empty_tables()
+        redis_connection().flushdb()
+        yield _session_app
+        db.session.remove()
+
+
+@pytest.fixture
+def db(app):
+    from portal.extensions import db
+
+    return db
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def runner(app):
+    return app.test_cli_runner()
+
+
+@pytest.fixture
+def make(db) -> Factories:
+    return Factories(db)
+
+
+class AuthActions:
+    def __init__(self, client):
+        self.client = client
+
+    def login(self, email: str, password: str = "password123"):
+        return self.client.post("/login", data={"email": email, "password": password})
+
+    def logout(self):
+        return self.client.post("/logout")
+
+
+@pytest.fixture
+def auth(client) -> AuthActions:
+    return AuthActions(client)
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent

@@ -1,0 +1,62 @@
+"""The operator's commands."""
+from __future__ import annotations
+
+from sqlalchemy import func, select
+
+from portal.models import Invoice, InvoiceItem, Membership, Organization, Product, User
+
+
+def test_seed_demo_creates_data_once(runner, db):
+    result = runner.invoke(args=["seed-demo"])
+    assert result.exit_code == 0, result.output
+    counts = {model: db.session.scalar(select(func.count()).select_from(model))
+              for model in (Product, Organization, User, Invoice, InvoiceItem)}
+    assert all(counts.values()), counts
+    again = runner.invoke(args=["seed-demo"])
+    assert again.exit_code == 0 and "nothing changed" in again.output
+    assert counts == {model: db.session.scalar(select(func.count()).select_from(model)) for model in counts}
+
+
+def test_seeded_invoice_totals_are_the_sum_of_their_items(runner, db):
+    runner.invoke(args=["seed-demo"])
+    for invoice in db.session.scalars(select(Invoice)):
+        assert invoice.total_cents == sum(item.amount_cents for item in invoice.items) > 0
+
+
+def test_demo_login_works(runner, client):
+    runner.invoke(args=["seed-demo"])
+    response = client.post("/login", data={"email": "alice@example.com", "password": "demo-password"})
+    assert response.status_code == 302
+
+
+def test_create_user_for_an_organization_with_password_on_stdin(runner, db, make):
+    organization = make.organization(slug="acme")
+    result = runner.invoke(args=["create-user", "Dee@Example.com", "--org", "acme", "--role", "owner",
+                                 "--password-stdin"], input="long-enough-pw\n")
+    assert result.exit_code == 0, result.output
+    user = db.session.scalar(select(User).where(User.email == "dee@example.com"))
+    assert user.check_password("long-enough-pw") and not user.is_support
+    membership = db.session.scalar(select(Membership).where(Membership.user_id == user.id))
+    assert membership.organization_id == organization.id and membership.role == "owner"
+
+
+def test_create_support_user(runner, db):
+    result = runner.invoke(args=["create-user", "staff@example.com", "--support", "--password-stdin"],
+                           input="long-enough-pw\n")
+    assert result.exit_code == 0, result.output
+    assert db.session.scalar(select(User).where(User.email == "staff@example.com")).is_support
+
+
+def test_create_user_refuses_bad_input_and_changes_nothing(runner, db, make):
+    make.organization(slug="acme")
+    cases = [
+        ["create-user", "a@example.com", "--password-stdin"],  # neither --support nor --org
+        ["create-user", "a@example.com", "--support", "--org", "acme", "--password-stdin"],
+        ["create-user", "a@example.com", "--org", "nope", "--password-stdin"],
+        ["create-user", "not-an-email", "--support", "--password-stdin"],
+    ]
+    for args in cases:
+        assert runner.invoke(args=args, input="long-enough-pw\n").exit_code != 0, args
+    short = runner.invoke(args=["create-user", "a@example.com", "--support", "--password-stdin"], input="short\n")
+    assert short.exit_code != 0
+    assert db.session.scalar(select(func.count()).select_from(User)) == 0

@@ -1,0 +1,78 @@
+"""The README's run command: everything up with demo data, and Ctrl-C leaves nothing."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from tests.services import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, stack = set(), [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.add(child)
+            stack.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_run_command_serves_demo_and_ctrl_c_stops_every_child(tmp_path):
+    env = {key: value for key, value in os.environ.items()
+           if key not in {"REDIS_URL", "DATABASE_URL", "SECRET_KEY", "PORTAL_API_TOKENS", "STRIPE_API_KEY"}}
+    port = free_port()
+    env.update(PORT=str(port), PORTAL_INSTANCE_DIR=str(tmp_path / "instance"))
+    log = (tmp_path / "run.log").open("w+")
+    process = subprocess.Popen([sys.executable, "run.py"], cwd=ROOT, env=env, stdout=log,
+                               stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 90
+        address = None
+        while time.monotonic() < deadline and process.poll() is None:
+            match = re.search(r"Billing portal: (http://\S+/login)", (tmp_path / "run.log").read_text())
+            if match:
+                address = match.group(1)
+                break
+            time.sleep(0.2)
+        assert address, (tmp_path / "run.log").read_text()
+        with urllib.request.urlopen(address, timeout=5) as response:
+            assert response.status == 200 and b"Sign in" in response.read()
+        output = (tmp_path / "run.log").read_text()
+        assert "alice@example.com" in output and "support@example.com" in output
+        spawned = _descendants(process.pid)
+        assert len(spawned) >= 4  # redis, worker, scheduler, web (and their children)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0
+        time.sleep(0.5)
+        left = {pid for pid in spawned if _alive(pid)}
+        assert not left, f"processes left behind: {left}"
+    finally:
+        if process.poll() is None:
+            for pid in _descendants(process.pid):
+                os.kill(pid, signal.SIGKILL)
+            process.kill()
+        log.close()
