@@ -1,0 +1,62 @@
+"""Fixtures for the Stripe emulator's tests (self-sufficient; no portal fixtures).
+
+One emulator subprocess serves the whole session; every test starts from a reset
+emulator. Tests talk to it only through the real ``stripe`` library over HTTP and the
+control API.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import stripe
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from emulator_helpers import WEBHOOK_SECRET, Receiver  # noqa: E402
+
+from stripe_emulator.process import start_emulator  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def emulator():
+    emu = start_emulator()
+    yield emu
+    emu.stop()
+
+
+@pytest.fixture
+def ctl(emulator):
+    """The control client, on a freshly reset emulator."""
+    emulator.control.reset()
+    emulator.control.configure_webhooks(url="", secret="")
+    return emulator.control
+
+
+@pytest.fixture
+def client(emulator, ctl):
+    """A StripeClient on the emulator, with no automatic retries."""
+    return stripe.StripeClient(emulator.api_key, base_addresses={"api": emulator.url}, max_network_retries=0)
+
+
+@pytest.fixture
+def customer(client):
+    return client.v1.customers.create({"name": "Acme Ltd", "email": "billing@acme.test"})
+
+
+@pytest.fixture
+def draft(client, customer):
+    return client.v1.invoices.create(
+        {"customer": customer.id, "auto_advance": False, "pending_invoice_items_behavior": "exclude"}
+    )
+
+
+@pytest.fixture
+def receiver(ctl):
+    r = Receiver()
+    ctl.configure_webhooks(url=r.url, secret=WEBHOOK_SECRET, retry_base_seconds=0.05, concurrency=1)
+    yield r
+    ctl.configure_webhooks(url="", secret="")
+    r.close()

@@ -1,0 +1,72 @@
+"""Helpers shared by the emulator tests (importable as ``emulator_helpers``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import stripe
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+FIXTURES = "/work/shared/stripe/fixtures3.json"
+WEBHOOK_SECRET = "whsec_test_emulator_secret"
+
+
+def make_client(emulator, retries: int = 0, api_key: str | None = None) -> stripe.StripeClient:
+    """Another client (e.g. with retries or another key)."""
+    return stripe.StripeClient(
+        api_key or emulator.api_key, base_addresses={"api": emulator.url}, max_network_retries=retries
+    )
+
+
+class Receiver:
+    """A tiny webhook endpoint recording what it receives; can fail on demand."""
+
+    def __init__(self) -> None:
+        self.received: list[dict] = []
+        self.fail_next = 0
+        self.fail_status = 500
+        self.delay = 0.0
+        self.lock = threading.Lock()
+        recv = self
+
+        class H(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if recv.delay:
+                    import time
+
+                    time.sleep(recv.delay)
+                with recv.lock:
+                    fail = recv.fail_next > 0
+                    if fail:
+                        recv.fail_next -= 1
+                    recv.received.append(
+                        {"body": body, "signature": self.headers.get("Stripe-Signature"), "failed": fail}
+                    )
+                self.send_response(recv.fail_status if fail else 200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/webhooks/stripe"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def ok_events(self) -> list[dict]:
+        with self.lock:
+            return [json.loads(r["body"]) for r in self.received if not r["failed"]]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
