@@ -128,3 +128,45 @@ def auth(client) -> AuthActions:
 @pytest.fixture
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+class LiveServer:
+    def __init__(self, url: str, process):
+        self.url = url
+        self.process = process
+
+
+@pytest.fixture
+def live_server(app, database_uri, redis_url, tmp_path):
+    """The portal served by gunicorn (several worker processes) on the test database."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from tests.services import free_port
+
+    port = free_port()
+    env = {**os.environ, "DATABASE_URL": database_uri, "REDIS_URL": redis_url, "SECRET_KEY": "live-test",
+           "PORTAL_API_TOKENS": "test-token"}
+    root = Path(__file__).resolve().parent.parent
+    log = (tmp_path / "gunicorn.log").open("w")
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", "3",
+         "--threads", "2", "wsgi:app"], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=1):
+                break
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                raise RuntimeError("gunicorn did not start: " + (tmp_path / "gunicorn.log").read_text()) from None
+            time.sleep(0.1)
+    yield LiveServer(url, process)
+    process.terminate()
+    process.wait(timeout=15)
+    log.close()

@@ -118,6 +118,7 @@ def test_amounts_are_integer_cents_and_quantities_exact_decimals(db, make):
     assert item.quantity == Decimal("123456789.123456789")
     assert item.unit_price == Decimal("0.0011")
     assert isinstance(item.amount_cents, int)
+    db.session.rollback()  # end the read transaction before inspecting on another connection
     columns = {c["name"]: c for c in inspect(db.engine).get_columns("invoice_items")}
     assert "INT" in str(columns["amount_cents"]["type"]).upper()
 

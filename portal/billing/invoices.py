@@ -24,7 +24,8 @@ def ensure_open_invoice(organization: Organization, at: datetime | None = None) 
 
     Safe under concurrency: the partial unique index allows one open invoice per
     organization, so a racing creator loses, rolls back to its savepoint, and reads
-    the winner's row.
+    the winner's row. A new invoice is charged for the services attached during its
+    period and priced for usage that arrived for it before it opened.
     """
     invoice = open_invoice(organization)
     if invoice is not None:
@@ -44,4 +45,16 @@ def ensure_open_invoice(organization: Organization, at: datetime | None = None) 
         invoice = open_invoice(organization)
         if invoice is None:
             raise
+        return invoice
+    _fill_new_invoice(invoice)
     return invoice
+
+
+def _fill_new_invoice(invoice: Invoice) -> None:
+    """A new cycle's invoice starts with the services attached during it and the
+    usage that arrived for it before it opened."""
+    from portal.billing.services import charge_services
+    from portal.billing.usage import price_pending_usage
+
+    charge_services(invoice)
+    price_pending_usage(invoice)

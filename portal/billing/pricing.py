@@ -1,13 +1,15 @@
 """Pricing: turning quantities into invoice items with integer-cent amounts.
 
-`add_quantity` is the one way an item's quantity changes. It is safe under
-concurrency: the item row is locked (SELECT ... FOR UPDATE on PostgreSQL; SQLite
-serialises writers) before it is read, so concurrent writers to one item never
+`add_quantities` is the one way an item's quantity changes. It is safe under
+concurrency: item rows are locked (SELECT ... FOR UPDATE on PostgreSQL; SQLite
+serialises writers) before they are read, so concurrent writers to one item never
 lose an update, and the invoice's total and change counter move by atomic
 `UPDATE ... SET x = x + :delta` in the same transaction.
 """
 from __future__ import annotations
 
+from collections import defaultdict
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
@@ -15,8 +17,10 @@ from sqlalchemy import select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from portal import money
+from portal.billing import bulk
 from portal.extensions import db
 from portal.models import Invoice, InvoiceItem, Product
+from portal.models.types import utcnow
 
 
 def line_key(product: Product, resource: str, origin_period_start: datetime | None = None) -> str:
@@ -50,48 +54,115 @@ def mark_changed(invoice_id: int, amount_delta: int = 0) -> None:
     )
 
 
+@dataclass(frozen=True)
+class ItemDelta:
+    """Add `quantity` units of `product` for `resource` to an invoice; `origin` is the
+    earlier period of a late-usage line, or None."""
+
+    invoice_id: int
+    product: Product
+    resource: str
+    quantity: Decimal
+    origin: tuple[datetime, datetime] | None = None
+
+    @property
+    def key(self) -> str:
+        return line_key(self.product, self.resource, self.origin[0] if self.origin else None)
+
+
+def add_quantities(deltas: list[ItemDelta]) -> set[int]:
+    """Apply quantity deltas to invoice items, creating the items that are missing,
+    repricing each (rounded once, by the money module), and moving each invoice's
+    total and change counter. Returns the ids of the invoices changed.
+
+    A few statements however many items there are (see `portal.billing.bulk`):
+    insert the missing ones, lock and read all of them in a fixed order (so
+    concurrent batches never deadlock), write their new quantities and amounts,
+    move the invoices.
+    """
+    deltas = sorted((d for d in deltas if d.quantity), key=lambda d: (d.invoice_id, d.key))
+    if not deltas:
+        return set()
+    now = utcnow()
+    bulk.insert_missing_items([
+        {
+            "invoice_id": d.invoice_id,
+            "product_id": d.product.id,
+            "line_key": d.key,
+            "resource": d.resource,
+            "description": describe(d.product, d.resource, d.origin),
+            "quantity": Decimal(0),
+            "unit_price": d.product.unit_price,
+            "amount_cents": 0,
+            "origin_period_start": d.origin[0] if d.origin else None,
+            "origin_period_end": d.origin[1] if d.origin else None,
+            "version": 1,
+            "updated_at": now,
+        }
+        for d in deltas
+    ])
+    by_key = {(row.invoice_id, row.line_key): row for row in bulk.lock_items([(d.invoice_id, d.key) for d in deltas])}
+    changes, amount_deltas = [], defaultdict(int)
+    for delta in deltas:
+        row = by_key[(delta.invoice_id, delta.key)]
+        quantity = row.quantity + delta.quantity
+        if quantity < 0:
+            raise money.MoneyError("an item's quantity cannot go below zero")
+        amount = money.line_amount(quantity, row.unit_price)
+        amount_deltas[row.invoice_id] += amount - row.amount_cents
+        changes.append({"id": row.id, "quantity": quantity, "amount_cents": amount,
+                        "version": row.version + 1, "updated_at": now})
+    bulk.update_items(changes)
+    bulk.move_invoices(amount_deltas)
+    return set(amount_deltas)
+
+
 def add_quantity(
     invoice: Invoice,
     product: Product,
     resource: str,
     delta: Decimal,
     origin: tuple[datetime, datetime] | None = None,
-) -> InvoiceItem:
-    """Add `delta` units of `product` for `resource` to the invoice, repricing the
-    item's amount (rounded once, by the money module) and the invoice's total."""
-    key = line_key(product, resource, origin[0] if origin else None)
+) -> None:
+    """Add `delta` units of `product` for `resource` to the invoice (see add_quantities)."""
+    add_quantities([ItemDelta(invoice.id, product, resource, delta, origin)])
+
+
+def set_item(
+    invoice_id: int,
+    product: Product,
+    key: str,
+    *,
+    resource: str,
+    description: str,
+    quantity: Decimal,
+    amount_cents: int,
+) -> bool:
+    """Make the invoice's item `key` carry exactly this quantity and amount (a
+    recurring service's charge, which is set rather than added to). Returns whether
+    anything changed; an unchanged item keeps its version and the invoice stays synced."""
     insert = _insert(db.engine.dialect.name)
     db.session.execute(
         insert(InvoiceItem)
-        .values(
-            invoice_id=invoice.id,
-            product_id=product.id,
-            line_key=key,
-            resource=resource,
-            description=describe(product, resource, origin),
-            quantity=Decimal(0),
-            unit_price=product.unit_price,
-            amount_cents=0,
-            origin_period_start=origin[0] if origin else None,
-            origin_period_end=origin[1] if origin else None,
-            version=1,
-        )
+        .values(invoice_id=invoice_id, product_id=product.id, line_key=key, resource=resource,
+                description=description, quantity=Decimal(0), unit_price=product.unit_price,
+                amount_cents=0, version=1, updated_at=utcnow())
         .on_conflict_do_nothing(index_elements=["invoice_id", "line_key"])
     )
-    item = db.session.scalar(
-        select(InvoiceItem)
-        .where(InvoiceItem.invoice_id == invoice.id, InvoiceItem.line_key == key)
+    row = db.session.execute(
+        select(InvoiceItem.id, InvoiceItem.quantity, InvoiceItem.amount_cents, InvoiceItem.description,
+               InvoiceItem.version)
+        .where(InvoiceItem.invoice_id == invoice_id, InvoiceItem.line_key == key)
         .with_for_update()
-        .execution_options(populate_existing=True)
+    ).one()
+    if (row.quantity, row.amount_cents, row.description) == (quantity, amount_cents, description):
+        return False
+    db.session.execute(
+        update(InvoiceItem)
+        .where(InvoiceItem.id == row.id)
+        .values(quantity=quantity, amount_cents=amount_cents, description=description,
+                version=row.version + 1, updated_at=utcnow())
+        .execution_options(synchronize_session=False)
     )
-    new_quantity = item.quantity + delta
-    if new_quantity < 0:
-        raise money.MoneyError("an item's quantity cannot go below zero")
-    new_amount = money.line_amount(new_quantity, item.unit_price)
-    amount_delta = new_amount - item.amount_cents
-    item.quantity = new_quantity
-    item.amount_cents = new_amount
-    item.version += 1
-    db.session.flush()
-    mark_changed(invoice.id, amount_delta)
-    return item
+    mark_changed(invoice_id, amount_cents - row.amount_cents)
+    return True

@@ -1,0 +1,102 @@
+"""Recurring services attached to organizations, and what they are charged.
+
+The proration rule: a service is charged quantity x its price per cycle x (seconds
+attached within the cycle / seconds in the cycle), rounded once to the cent by the
+money module. While it stays attached its charge runs to the end of the cycle (what
+the cycle will cost if nothing changes); detaching reprices it to the second. Each
+attachment is its own item, so the invoice shows when each service was attached.
+A quantity change ends the current attachment and starts a new one at the new
+quantity, from the same instant: each span is charged at its own quantity.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+
+from sqlalchemy import or_, select
+
+from portal import money
+from portal.billing.invoices import ensure_open_invoice
+from portal.billing.pricing import set_item
+from portal.extensions import db
+from portal.models import Invoice, Organization, Product, ServiceAttachment
+from portal.models.types import utcnow
+
+
+class ServiceError(ValueError):
+    """A service request that cannot be honoured (wrong product, already detached...)."""
+
+
+def _key(attachment: ServiceAttachment) -> str:
+    return f"{attachment.product.code}|{attachment.resource}|svc:{attachment.id}"
+
+
+def _charge(attachment: ServiceAttachment, invoice: Invoice) -> bool:
+    start = max(attachment.attached_at, invoice.period_start)
+    end = min(attachment.detached_at or invoice.period_end, invoice.period_end)
+    seconds = money.seconds_between(start, end)
+    amount = money.prorated_amount(
+        attachment.quantity, attachment.product.unit_price, seconds,
+        money.seconds_between(invoice.period_start, invoice.period_end),
+    )
+    until = f"{attachment.detached_at:%Y-%m-%d %H:%M}" if attachment.detached_at else "end of cycle"
+    label = attachment.product.name + (f" ({attachment.resource})" if attachment.resource else "")
+    description = f"{label}, from {start:%Y-%m-%d %H:%M} to {until} UTC"
+    return set_item(invoice.id, attachment.product, _key(attachment), resource=attachment.resource,
+                    description=description, quantity=attachment.quantity, amount_cents=amount)
+
+
+def attach_service(organization: Organization, product: Product, quantity: Decimal, resource: str,
+                   now: datetime | None = None) -> ServiceAttachment:
+    """Attach a recurring service from now and charge it on the open invoice."""
+    now = now or utcnow()
+    if product.kind != "recurring":
+        raise ServiceError(f"product {product.code!r} is metered: report its usage instead")
+    if not product.active:
+        raise ServiceError(f"product {product.code!r} is no longer sold")
+    if quantity <= 0:
+        raise ServiceError("quantity must be greater than zero")
+    attachment = ServiceAttachment(organization=organization, product=product, quantity=quantity,
+                                   resource=resource, attached_at=now)
+    db.session.add(attachment)
+    db.session.flush()
+    _charge(attachment, ensure_open_invoice(organization, now))
+    return attachment
+
+
+def detach_service(attachment: ServiceAttachment, now: datetime | None = None) -> bool:
+    """Detach from now and reprice its charge on the open invoice to the second.
+    Returns False (and changes nothing) if it was detached already."""
+    if attachment.detached_at is not None:
+        return False
+    now = now or utcnow()
+    attachment.detached_at = max(now, attachment.attached_at)
+    db.session.flush()
+    invoice = ensure_open_invoice(attachment.organization, now)
+    if attachment.attached_at < invoice.period_end:
+        _charge(attachment, invoice)
+    return True
+
+
+def change_quantity(attachment: ServiceAttachment, quantity: Decimal,
+                    now: datetime | None = None) -> ServiceAttachment:
+    """End this attachment now and start a new one at `quantity` from the same instant."""
+    if attachment.detached_at is not None:
+        raise ServiceError("the service is detached already")
+    now = now or utcnow()
+    detach_service(attachment, now)
+    return attach_service(attachment.organization, attachment.product, quantity, attachment.resource,
+                          attachment.detached_at)
+
+
+def charge_services(invoice: Invoice) -> int:
+    """Charge every service attached during the invoice's period onto it (run when an
+    invoice opens). Idempotent: charges are set, not added. Returns how many changed."""
+    attachments = db.session.scalars(
+        select(ServiceAttachment).where(
+            ServiceAttachment.organization_id == invoice.organization_id,
+            ServiceAttachment.attached_at < invoice.period_end,
+            or_(ServiceAttachment.detached_at.is_(None), ServiceAttachment.detached_at > invoice.period_start),
+        )
+    )
+    return sum(_charge(attachment, invoice) for attachment in attachments)
