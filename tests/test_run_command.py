@@ -63,8 +63,13 @@ def test_run_command_serves_demo_and_ctrl_c_stops_every_child(tmp_path):
             assert response.status == 200 and b"Sign in" in response.read()
         output = (tmp_path / "run.log").read_text()
         assert "alice@example.com" in output and "support@example.com" in output
+        stripe_base = re.search(r"Stripe: the emulator at (http://\S+)", output).group(1)
+        request = urllib.request.Request(stripe_base + "/v1/customers",
+                                         headers={"Authorization": "Bearer sk_test_emulator"})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert response.status == 200
         spawned = _descendants(process.pid)
-        assert len(spawned) >= 4  # redis, worker, scheduler, web (and their children)
+        assert len(spawned) >= 5  # redis, Stripe emulator, worker, scheduler, web (and their children)
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=60) == 0
         time.sleep(0.5)
