@@ -59,3 +59,5 @@ class TestConfig(Config):
     REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
     PORTAL_API_TOKENS = ["test-token"]
     WTF_CSRF_ENABLED = False
+    # Tests that are about the write budget set their own.
+    STRIPE_MAX_WRITES_PER_SECOND = 1000

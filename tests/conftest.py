@@ -170,3 +170,24 @@ def live_server(app, database_uri, redis_url, tmp_path):
     process.terminate()
     process.wait(timeout=15)
     log.close()
+
+
+@pytest.fixture(scope="session")
+def stripe_emulator_process():
+    """The project's Stripe emulator, a real HTTP server in its own process."""
+    from stripe_emulator.process import start_emulator
+
+    emulator = start_emulator()
+    yield emulator
+    emulator.stop()
+
+
+@pytest.fixture
+def stripe_emulator(app, stripe_emulator_process):
+    """A reset emulator, with the app configured to bill against it."""
+    stripe_emulator_process.control.reset()
+    saved = {key: app.config.get(key) for key in ("STRIPE_API_KEY", "STRIPE_API_BASE")}
+    app.config.update(STRIPE_API_KEY=stripe_emulator_process.api_key, STRIPE_API_BASE=stripe_emulator_process.url)
+    yield stripe_emulator_process
+    app.config.update(saved)
+    stripe_emulator_process.control.clear_faults()

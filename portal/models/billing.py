@@ -67,6 +67,12 @@ class Invoice(db.Model):
     change_seq: Mapped[int] = mapped_column(BigInteger, default=0)
     synced_seq: Mapped[int] = mapped_column(BigInteger, default=0)
     stripe_invoice_id: Mapped[str | None] = mapped_column(String(255), unique=True)
+    # Why the sync stopped for this invoice (e.g. Stripe finalized it behind our back);
+    # the sweep skips it until the end-of-cycle logic or support deals with it.
+    sync_blocked: Mapped[str | None] = mapped_column(String(64))
+    # Part of every Stripe idempotency key for this invoice; bumped only after a write
+    # whose outcome is unknown (a 500), since Stripe replays a stored 500 for its key.
+    stripe_key_salt: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     number: Mapped[str | None] = mapped_column(String(64))
     hosted_invoice_url: Mapped[str | None] = mapped_column(Text)
     invoice_pdf: Mapped[str | None] = mapped_column(Text)
@@ -112,11 +118,9 @@ class InvoiceItem(db.Model):
     # For late usage: the earlier period this line bills.
     origin_period_start: Mapped[datetime | None] = mapped_column(UTCDateTime)
     origin_period_end: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    # Content version, bumped on every change; sync keys its Stripe writes on it.
+    # Content version, bumped on every change. (What Stripe holds is not mirrored
+    # here: every sync reads the Stripe invoice's lines and compares with them.)
     version: Mapped[int] = mapped_column(Integer, default=1)
-    synced_version: Mapped[int | None] = mapped_column(Integer)
-    stripe_invoice_item_id: Mapped[str | None] = mapped_column(String(255))
-    stripe_line_id: Mapped[str | None] = mapped_column(String(255))
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
     invoice: Mapped[Invoice] = relationship(back_populates="items")

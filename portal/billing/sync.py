@@ -1,0 +1,369 @@
+"""Sync: make one Stripe draft invoice exactly equal to the portal's invoice.
+
+`sync_invoice(invoice_id, trigger)` is safe to run any number of times, from any
+number of workers:
+
+1. It holds the invoice's Redis lock (owner + lease), so two runs never have
+   requests in flight for one invoice; a run that cannot get it records `locked`.
+2. It ensures the Stripe customer and the Stripe draft (`auto_advance=false`,
+   pending items excluded, `automatically_finalizes_at` a little after the period
+   end, portal ids in metadata), adopting ones a crashed run created (by metadata)
+   instead of creating them twice.
+3. It reads the Stripe invoice and all its lines, matches them to the portal's lines
+   (`portal.billing.lines`) by the portal key kept in each line's metadata, and
+   adds, updates and removes only what differs, with the bulk line operations in
+   chunks of CHUNK_LINES: a few writes per invoice however many lines changed, none
+   when nothing differs.
+4. Every write carries an idempotency key derived from what it writes (invoice,
+   operation, payload) and the invoice's key salt, never from an attempt number.
+   A 500 leaves the outcome unknown: the salt is bumped (Stripe replays a stored 500
+   for its key) and the run re-reads Stripe and plans again.
+5. It records a SyncRun (trigger, outcome, counts, Stripe calls, duration, error)
+   and, when Stripe matches, marks the changes it saw as synced.
+
+No database transaction is held open across a call to Stripe.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import traceback
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import selectinload
+
+from portal.billing.lines import StripeLine, TooManyLines, stripe_lines
+from portal.extensions import db
+from portal.locks import invoice_lock
+from portal.models import Invoice, InvoiceItem, Organization, SyncRun
+from portal.models.types import utcnow
+from portal.stripe_gateway import (
+    InvoiceNotEditable,
+    OutcomeUnknown,
+    StripeFailure,
+    StripeGateway,
+    StripeNotConfigured,
+    StripeObjectMissing,
+    StripeRejected,
+    StripeUnavailable,
+    gateway,
+)
+
+CHUNK_LINES = 50
+MAX_RECONCILE_ROUNDS = 3
+# Stripe finalizes the draft on its own this long after the period ends, should the
+# portal's own end-of-cycle close never run.
+AUTO_FINALIZE_GRACE = timedelta(hours=2)
+SYNCABLE_STATUSES = ("open", "closing")
+
+
+@dataclass
+class Plan:
+    adds: list[StripeLine] = field(default_factory=list)
+    updates: list[tuple[str, StripeLine]] = field(default_factory=list)
+    removes: list[str] = field(default_factory=list)
+    unchanged: int = 0
+    foreign_total: int = 0  # lines on the Stripe invoice that the portal did not make
+
+    @property
+    def empty(self) -> bool:
+        return not (self.adds or self.updates or self.removes)
+
+
+class SyncStopped(Exception):
+    """The run ends with a named outcome that is not a crash."""
+
+    def __init__(self, outcome: str, detail: str = ""):
+        super().__init__(detail or outcome)
+        self.outcome = outcome
+
+
+def plan_changes(invoice_id: int, desired: list[StripeLine], current: list) -> Plan:
+    """What to add, update and remove so that `current` (Stripe's lines) equals `desired`."""
+    plan, ours = Plan(), {}
+    for line in current:
+        metadata = _metadata(line)
+        key = metadata.get("portal_line")
+        if key is None or metadata.get("portal_invoice") != str(invoice_id):
+            plan.foreign_total += line.amount
+            continue
+        if key in ours:
+            plan.removes.append(line.id)  # a duplicate: keep one
+        else:
+            ours[key] = line
+    for line in desired:
+        existing = ours.pop(line.key, None)
+        if existing is None:
+            plan.adds.append(line)
+        elif existing.amount != line.amount_cents or existing.description != line.description:
+            plan.updates.append((existing.id, line))
+        else:
+            plan.unchanged += 1
+    plan.removes.extend(line.id for line in ours.values())
+    return plan
+
+
+def _metadata(stripe_object) -> dict:
+    metadata = getattr(stripe_object, "metadata", None)
+    return metadata.to_dict() if metadata is not None else {}
+
+
+def idempotency_key(invoice: Invoice, operation: str, payload: object) -> str:
+    """Derived from what is written (and the invoice's salt), so a rerun of the same
+    write reuses its key and a changed write gets a new one."""
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:40]
+    return f"portal-invoice-{invoice.id}-s{invoice.stripe_key_salt}-{operation}-{digest}"
+
+
+def _chunks(items: list, size: int = CHUNK_LINES):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _line_params(invoice: Invoice, line: StripeLine) -> dict:
+    return {
+        "amount": line.amount_cents,
+        "description": line.description[:500],
+        "metadata": {"portal_invoice": str(invoice.id), "portal_line": line.key},
+    }
+
+
+class _Run:
+    """One sync of one invoice. Holds the counts that end up in its SyncRun."""
+
+    def __init__(self, invoice: Invoice, stripe: StripeGateway):
+        self.invoice = invoice
+        self.organization: Organization = invoice.organization
+        self.stripe = stripe
+        self.counts = {"created": 0, "updated": 0, "deleted": 0, "unchanged": 0}
+
+    def execute(self) -> str:
+        seq = self.invoice.change_seq
+        desired = stripe_lines(self.invoice.items)
+        db.session.commit()  # nothing held open while we talk to Stripe
+        self._ensure_customer()
+        fresh = self._ensure_draft()
+        for round_ in range(MAX_RECONCILE_ROUNDS):
+            if fresh and round_ == 0:
+                current = []  # created by this run: it has no lines yet
+            else:
+                self._check_still_draft()
+                current = self.stripe.invoice_lines(self.invoice.stripe_invoice_id)
+            plan = plan_changes(self.invoice.id, desired, current)
+            self.counts["unchanged"] = plan.unchanged
+            try:
+                stripe_total = self._apply(plan)
+            except OutcomeUnknown:
+                self._bump_salt()
+                continue
+            if stripe_total is None:
+                stripe_total = sum(line.amount for line in current)
+            expected = sum(line.amount_cents for line in desired) + plan.foreign_total
+            if stripe_total != expected:
+                raise SyncStopped("total_mismatch", f"Stripe total {stripe_total} != portal total {expected}")
+            self._mark_synced(seq)
+            return "synced" if self.stripe.counts.writes else "unchanged"
+        raise SyncStopped("unknown_outcome", f"writes answered 500 in {MAX_RECONCILE_ROUNDS} rounds")
+
+    # --- Stripe objects ------------------------------------------------------------
+
+    def _ensure_customer(self) -> None:
+        organization = self.organization
+        if organization.stripe_customer_id:
+            return
+        customer = self.stripe.create_customer(
+            {
+                "name": organization.name,
+                "email": organization.billing_email,
+                "metadata": {"portal_organization_id": str(organization.id), "portal_slug": organization.slug},
+            },
+            key=f"portal-organization-{organization.id}-customer",
+        )
+        organization.stripe_customer_id = customer.id
+        db.session.commit()
+
+    def _ensure_draft(self) -> bool:
+        """Make sure the Stripe draft exists; True if this run created it."""
+        invoice = self.invoice
+        if invoice.stripe_invoice_id:
+            return False
+        # A run that crashed after creating the draft left it behind: adopt it.
+        for draft in self.stripe.draft_invoices_of(self.organization.stripe_customer_id):
+            if _metadata(draft).get("portal_invoice_id") == str(invoice.id):
+                invoice.stripe_invoice_id = draft.id
+                db.session.commit()
+                return False
+        now = utcnow()
+        finalizes_at = max(invoice.period_end + AUTO_FINALIZE_GRACE, now + AUTO_FINALIZE_GRACE)
+        params = {
+            "customer": self.organization.stripe_customer_id,
+            "auto_advance": False,
+            "collection_method": "charge_automatically",
+            "pending_invoice_items_behavior": "exclude",
+            "automatically_finalizes_at": int(finalizes_at.timestamp()),
+            "currency": invoice.currency,
+            "description": f"{self.organization.name}: usage from {invoice.period_start:%Y-%m-%d} "
+                           f"to {invoice.period_end:%Y-%m-%d}",
+            "metadata": {
+                "portal_invoice_id": str(invoice.id),
+                "portal_organization_id": str(self.organization.id),
+                "period_start": invoice.period_start.isoformat(),
+                "period_end": invoice.period_end.isoformat(),
+            },
+        }
+        # The key leaves out the time-dependent field, so a rerun reuses it.
+        key_payload = {k: v for k, v in params.items() if k != "automatically_finalizes_at"}
+        draft = self.stripe.create_invoice(params, key=idempotency_key(invoice, "create", key_payload))
+        invoice.stripe_invoice_id = draft.id
+        db.session.commit()
+        return True
+
+    def _check_still_draft(self) -> None:
+        try:
+            stripe_invoice = self.stripe.retrieve_invoice(self.invoice.stripe_invoice_id)
+        except StripeObjectMissing:
+            raise SyncStopped("stripe_invoice_deleted") from None
+        if getattr(stripe_invoice, "deleted", False):
+            raise SyncStopped("stripe_invoice_deleted")
+        if stripe_invoice.status != "draft":
+            raise SyncStopped("stripe_invoice_finalized", f"Stripe invoice is {stripe_invoice.status}")
+
+    # --- writes --------------------------------------------------------------------
+
+    def _apply(self, plan: Plan) -> int | None:
+        """Apply the plan (removals first, to make room under Stripe's limit);
+        returns the Stripe invoice total after the last write, or None if none."""
+        invoice, stripe_id, total = self.invoice, self.invoice.stripe_invoice_id, None
+        try:
+            for chunk in _chunks(plan.removes):
+                result = self.stripe.remove_lines(stripe_id, chunk, key=idempotency_key(invoice, "remove", chunk))
+                self.counts["deleted"] += len(chunk)
+                total = result.total
+            for chunk in _chunks(plan.updates):
+                lines = [{"id": line_id, **_line_params(invoice, line)} for line_id, line in chunk]
+                result = self.stripe.update_lines(stripe_id, lines, key=idempotency_key(invoice, "update", lines))
+                self.counts["updated"] += len(chunk)
+                total = result.total
+            for chunk in _chunks(plan.adds):
+                lines = [_line_params(invoice, line) for line in chunk]
+                result = self.stripe.add_lines(stripe_id, lines, key=idempotency_key(invoice, "add", lines))
+                self.counts["created"] += len(chunk)
+                total = result.total
+        except InvoiceNotEditable:
+            self._check_still_draft()
+            raise
+        return total
+
+    # --- bookkeeping ---------------------------------------------------------------
+
+    def _bump_salt(self) -> None:
+        db.session.execute(
+            update(Invoice).where(Invoice.id == self.invoice.id)
+            .values(stripe_key_salt=Invoice.stripe_key_salt + 1)
+        )
+        db.session.commit()  # the UPDATE also moved self.invoice.stripe_key_salt (synchronize_session)
+
+    def _mark_synced(self, seq: int) -> None:
+        db.session.execute(
+            update(Invoice).where(Invoice.id == self.invoice.id, Invoice.synced_seq < seq)
+            .values(synced_seq=seq).execution_options(synchronize_session=False)
+        )
+        db.session.commit()
+
+
+def _load(invoice_id: int) -> Invoice | None:
+    return db.session.scalar(
+        select(Invoice).where(Invoice.id == invoice_id)
+        .options(selectinload(Invoice.items).joinedload(InvoiceItem.product),
+                 selectinload(Invoice.organization))
+        .execution_options(populate_existing=True)
+    )
+
+
+def sync_invoice(invoice_id: int, trigger: str = "manual", job_id: str | None = None,
+                 stripe: StripeGateway | None = None) -> SyncRun:
+    """Make the Stripe draft equal to the portal invoice; returns the SyncRun recorded.
+    Safe to run twice or concurrently (see the module docstring)."""
+    record = SyncRun(invoice_id=invoice_id, trigger=trigger, job_id=job_id, started_at=utcnow())
+    session = db.session()
+    # Values read stay readable after each commit without a new query: a transaction
+    # must not be open while we wait on Stripe (on SQLite it would hold the write lock).
+    expire_on_commit, session.expire_on_commit = session.expire_on_commit, False
+    try:
+        return _sync_locked(invoice_id, record, stripe)
+    finally:
+        session.expire_on_commit = expire_on_commit
+
+
+def _sync_locked(invoice_id: int, record: SyncRun, stripe: StripeGateway | None) -> SyncRun:
+    with invoice_lock(invoice_id) as locked:
+        if not locked:
+            return _finish(record, "locked", None)
+        invoice = _load(invoice_id)
+        if invoice is None:
+            raise LookupError(f"no invoice {invoice_id}")
+        db.session.add(record)
+        db.session.commit()
+        if invoice.status not in SYNCABLE_STATUSES:
+            return _finish(record, "not_open", f"the invoice is {invoice.status}")
+        if invoice.sync_blocked:
+            return _finish(record, "blocked", invoice.sync_blocked)
+        try:
+            stripe = stripe or gateway()
+        except StripeNotConfigured as error:
+            return _finish(record, "stripe_not_configured", str(error))
+        run = _Run(invoice, stripe)
+        try:
+            outcome, error = run.execute(), None
+        except SyncStopped as stop:
+            outcome, error = stop.outcome, str(stop)
+            if stop.outcome in ("stripe_invoice_finalized", "stripe_invoice_deleted"):
+                _block(invoice_id, stop.outcome)
+        except StripeUnavailable as failure:
+            outcome, error = "stripe_unavailable", str(failure)
+        except (StripeRejected, InvoiceNotEditable, StripeObjectMissing, StripeFailure) as failure:
+            outcome, error = "rejected", str(failure)
+        except TooManyLines as failure:
+            outcome, error = "too_many_lines", str(failure)
+        except Exception:
+            _finish(record, "error", traceback.format_exc(limit=5), stripe, run.counts)
+            raise
+        return _finish(record, outcome, error, stripe, run.counts)
+
+
+def _block(invoice_id: int, reason: str) -> None:
+    """Stop sweeping this invoice; the end-of-cycle logic (or support) takes over."""
+    db.session.rollback()
+    db.session.execute(update(Invoice).where(Invoice.id == invoice_id).values(sync_blocked=reason))
+    db.session.commit()
+
+
+def _finish(record: SyncRun, outcome: str, error: str | None, stripe: StripeGateway | None = None,
+            counts: dict | None = None) -> SyncRun:
+    db.session.rollback()  # whatever a failed step left half-done is not ours to keep
+    record = db.session.merge(record)
+    record.outcome = outcome
+    record.error = error
+    record.finished_at = utcnow()
+    for name, value in (counts or {}).items():
+        setattr(record, name, value)
+    if stripe is not None:
+        record.stripe_reads, record.stripe_writes = stripe.counts.reads, stripe.counts.writes
+    db.session.add(record)
+    db.session.commit()
+    return record
+
+
+def unsynced_invoice_ids(limit: int | None = None) -> list[int]:
+    """Invoices with changes not yet at Stripe (what the periodic sweep syncs)."""
+    query = (
+        select(Invoice.id)
+        .where(Invoice.change_seq > Invoice.synced_seq, Invoice.sync_blocked.is_(None),
+               Invoice.status.in_(SYNCABLE_STATUSES))
+        .order_by(Invoice.id)
+    )
+    if limit:
+        query = query.limit(limit)
+    return list(db.session.scalars(query))

@@ -1,0 +1,241 @@
+"""The one door to Stripe: every call the portal makes to Stripe goes through here.
+
+`StripeGateway` wraps the official `stripe` client (pointed at `STRIPE_API_BASE` when
+set, e.g. the project's emulator), counts reads and writes, spends writes from a
+budget shared by every worker through Redis, retries what is safe to retry, and
+maps Stripe's errors to the portal's own:
+
+- network errors, 5xx before any change, 429 `rate_limit` and `lock_timeout`, and
+  anything with `Stripe-Should-Retry: true` are retried with exponential backoff and
+  jitter, with the same idempotency key; when retries run out: `StripeUnavailable`;
+- a 500 on a write is `OutcomeUnknown` at once: Stripe stores the 500 for its
+  idempotency key and would replay it, so the caller must reconcile by reading;
+- editing a finalized invoice: `InvoiceNotEditable`; a missing object: `StripeObjectMissing`;
+  any other refusal: `StripeRejected`.
+
+stripe-python's own retries are off (`max_network_retries=0`): it would retry a 500
+that Stripe replays, and it never retries a plain 429.
+"""
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import stripe
+from flask import current_app
+
+from portal.queue import redis_connection
+
+MAX_ATTEMPTS = 6
+BACKOFF_BASE_SECONDS = 0.25
+BACKOFF_CAP_SECONDS = 8.0
+LIST_PAGE_SIZE = 100
+
+
+class StripeFailure(Exception):
+    """Base of the portal's Stripe errors."""
+
+
+class StripeUnavailable(StripeFailure):
+    """Transient failures (network, 429, 5xx) outlasted every retry."""
+
+
+class OutcomeUnknown(StripeFailure):
+    """A write answered 500: it may or may not have been applied."""
+
+
+class InvoiceNotEditable(StripeFailure):
+    """The invoice is no longer a draft at Stripe."""
+
+
+class StripeObjectMissing(StripeFailure):
+    """The object does not exist (or no longer exists) at Stripe."""
+
+
+class StripeRejected(StripeFailure):
+    """Stripe refused the request (a 4xx other than the above)."""
+
+
+class StripeNotConfigured(StripeFailure):
+    """STRIPE_API_KEY is not set."""
+
+
+# Reserve the next free write slot, spaced 1/rate apart across every worker (GCRA
+# with no burst): the shared write rate never exceeds the budget in any window.
+# Returns how many microseconds the caller must wait for its slot.
+_RESERVE_SLOT = """
+local now_parts = redis.call('TIME')
+local now = tonumber(now_parts[1]) * 1000000 + tonumber(now_parts[2])
+local interval = tonumber(ARGV[1])
+local next_free = tonumber(redis.call('GET', KEYS[1]) or '0')
+if next_free < now then next_free = now end
+redis.call('SET', KEYS[1], next_free + interval, 'PX', math.ceil((next_free + interval - now) / 1000) + 1000)
+return next_free - now
+"""
+
+
+class WriteBudget:
+    """Stripe writes per second shared by all workers (`STRIPE_MAX_WRITES_PER_SECOND`)."""
+
+    def __init__(self, redis, writes_per_second: int, key: str = "portal:stripe:write-budget"):
+        self.redis = redis
+        self.interval_us = int(1_000_000 / max(writes_per_second, 1))
+        self.key = key
+        self._script = redis.register_script(_RESERVE_SLOT)
+
+    def acquire(self) -> float:
+        """Block until this caller's write slot; returns the seconds waited."""
+        wait_us = int(self._script(keys=[self.key], args=[self.interval_us]))
+        if wait_us > 0:
+            time.sleep(wait_us / 1_000_000)
+        return wait_us / 1_000_000
+
+
+@dataclass
+class CallCounts:
+    reads: int = 0
+    writes: int = 0
+
+
+class StripeGateway:
+    def __init__(self, api_key: str, api_base: str | None, budget: WriteBudget | None,
+                 max_attempts: int = MAX_ATTEMPTS, sleep=time.sleep):
+        if not api_key:
+            raise StripeNotConfigured("STRIPE_API_KEY is not set")
+        self.client = stripe.StripeClient(
+            api_key,
+            base_addresses={"api": api_base} if api_base else None,
+            max_network_retries=0,
+        )
+        self.budget = budget
+        self.max_attempts = max_attempts
+        self.sleep = sleep
+        self.counts = CallCounts()
+
+    # --- the calls -------------------------------------------------------------------
+
+    def create_customer(self, params: dict, key: str):
+        return self._write(lambda options: self.client.v1.customers.create(params=params, options=options), key)
+
+    def create_invoice(self, params: dict, key: str):
+        return self._write(lambda options: self.client.v1.invoices.create(params=params, options=options), key)
+
+    def retrieve_invoice(self, invoice_id: str):
+        return self._read(lambda: self.client.v1.invoices.retrieve(invoice_id))
+
+    def draft_invoices_of(self, customer_id: str) -> Iterator[Any]:
+        yield from self._paginate(
+            lambda params: self.client.v1.invoices.list(params={**params, "customer": customer_id,
+                                                                "status": "draft"}))
+
+    def invoice_lines(self, invoice_id: str) -> list[Any]:
+        return list(self._paginate(
+            lambda params: self.client.v1.invoices.line_items.list(invoice_id, params=params)))
+
+    def add_lines(self, invoice_id: str, lines: list[dict], key: str):
+        return self._write(lambda options: self.client.v1.invoices.add_lines(
+            invoice_id, params={"lines": lines}, options=options), key)
+
+    def update_lines(self, invoice_id: str, lines: list[dict], key: str):
+        return self._write(lambda options: self.client.v1.invoices.update_lines(
+            invoice_id, params={"lines": lines}, options=options), key)
+
+    def remove_lines(self, invoice_id: str, line_ids: list[str], key: str):
+        lines = [{"id": line_id, "behavior": "delete"} for line_id in line_ids]
+        return self._write(lambda options: self.client.v1.invoices.remove_lines(
+            invoice_id, params={"lines": lines}, options=options), key)
+
+    def finalize_invoice(self, invoice_id: str, key: str):
+        return self._write(lambda options: self.client.v1.invoices.finalize_invoice(
+            invoice_id, params={"auto_advance": True}, options=options), key)
+
+    def update_invoice(self, invoice_id: str, params: dict, key: str):
+        return self._write(lambda options: self.client.v1.invoices.update(
+            invoice_id, params=params, options=options), key)
+
+    def create_portal_session(self, customer_id: str, return_url: str):
+        return self._write(lambda options: self.client.v1.billing_portal.sessions.create(
+            params={"customer": customer_id, "return_url": return_url}, options=options), None)
+
+    # --- plumbing --------------------------------------------------------------------
+
+    def _paginate(self, fetch) -> Iterator[Any]:
+        params: dict = {"limit": LIST_PAGE_SIZE}
+        while True:
+            page = self._read(lambda params=params: fetch(params))
+            yield from page.data
+            if not page.has_more or not page.data:
+                return
+            params = {"limit": LIST_PAGE_SIZE, "starting_after": page.data[-1].id}
+
+    def _read(self, call):
+        return self._call(call, write=False)
+
+    def _write(self, call, key: str | None):
+        options = {"idempotency_key": key} if key else {}
+        return self._call(lambda: call(options), write=True)
+
+    def _call(self, call, write: bool):
+        for attempt in range(1, self.max_attempts + 1):
+            if write and self.budget is not None:
+                self.budget.acquire()
+            if write:
+                self.counts.writes += 1
+            else:
+                self.counts.reads += 1
+            try:
+                return call()
+            except stripe.StripeError as error:
+                if write and _status(error) == 500:
+                    raise OutcomeUnknown(_describe(error)) from error
+                if not _transient(error):
+                    raise _portal_error(error) from error
+                if attempt == self.max_attempts:
+                    raise StripeUnavailable(_describe(error)) from error
+                self.sleep(_backoff(attempt))
+        raise AssertionError("unreachable")
+
+
+def _status(error: stripe.StripeError) -> int | None:
+    return getattr(error, "http_status", None)
+
+
+def _code(error: stripe.StripeError) -> str | None:
+    return getattr(error, "code", None) or (getattr(error, "error", None) and error.error.code)
+
+
+def _transient(error: stripe.StripeError) -> bool:
+    if isinstance(error, stripe.APIConnectionError | stripe.RateLimitError):
+        return True
+    headers = getattr(error, "headers", None) or {}
+    if str(headers.get("Stripe-Should-Retry", headers.get("stripe-should-retry", ""))).lower() == "true":
+        return True
+    status = _status(error)
+    return status == 429 or (status is not None and status >= 500) or status == 409
+
+
+def _portal_error(error: stripe.StripeError) -> StripeFailure:
+    status, code, message = _status(error), _code(error), _describe(error)
+    if code == "resource_missing" or status == 404:
+        return StripeObjectMissing(message)
+    if code in ("invoice_not_editable", "invoice_unexpected_state") or "finalized" in message.lower():
+        return InvoiceNotEditable(message)
+    return StripeRejected(message)
+
+
+def _describe(error: stripe.StripeError) -> str:
+    return f"{type(error).__name__} ({_status(error)}, {_code(error)}): {getattr(error, 'user_message', None) or error}"
+
+
+def _backoff(attempt: int) -> float:
+    return min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
+
+
+def gateway() -> StripeGateway:
+    """A gateway for the current app, with the shared write budget and fresh counts."""
+    config = current_app.config
+    budget = WriteBudget(redis_connection(), config["STRIPE_MAX_WRITES_PER_SECOND"])
+    return StripeGateway(config.get("STRIPE_API_KEY"), config.get("STRIPE_API_BASE"), budget)
