@@ -173,6 +173,7 @@ def serve() -> int:
     env = dict(os.environ)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("DATABASE_URL", f"sqlite:///{instance / 'portal.db'}")
+    env.setdefault("SYNC_INTERVAL_SECONDS", "15")  # the demo shows changes reaching Stripe quickly
     env.setdefault("SECRET_KEY", _instance_secret(instance, "secret_key", lambda: secrets.token_hex(32)))
     demo_token = None
     if not env.get("PORTAL_API_TOKENS"):
@@ -220,8 +221,9 @@ def serve() -> int:
         flask = [str(BIN / "flask"), "--app", "wsgi"]
         subprocess.run([*flask, "db", "upgrade"], env=env, cwd=ROOT, check=True)
         subprocess.run([*flask, "seed-demo"], env=env, cwd=ROOT, check=True)
-        children.start("worker", [str(BIN / "rq"), "worker", "sync", "webhooks", "default",
-                                   "--url", env["REDIS_URL"], "--quiet"], env)
+        subprocess.run([*flask, "schedule"], env=env, cwd=ROOT, check=True)
+        children.start("worker", [str(BIN / "rq"), "worker", "--worker-class", "jobs.worker.PortalWorker",
+                                   "sync", "webhooks", "default", "--url", env["REDIS_URL"], "--quiet"], env)
         children.start("scheduler", [str(BIN / "rqscheduler"), "--url", env["REDIS_URL"],
                                       "--interval", "5"], env)
         web = children.start(

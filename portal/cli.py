@@ -14,6 +14,50 @@ from portal.models import Membership, Organization, User
 def register_commands(app: Flask) -> None:
     app.cli.add_command(seed_demo)
     app.cli.add_command(create_user)
+    app.cli.add_command(sync)
+    app.cli.add_command(schedule)
+
+
+@click.command("sync")
+@click.option("--invoice", "invoice_id", type=int, help="Sync this invoice.")
+@click.option("--all-dirty", is_flag=True, help="Sync every invoice with changes not yet at Stripe.")
+@click.option("--now", is_flag=True, help="Run in the foreground instead of queueing jobs.")
+def sync(invoice_id: int | None, all_dirty: bool, now: bool) -> None:
+    """Enqueue syncs of invoices with Stripe (or run them now with --now)."""
+    from portal.billing.sync import sync_invoice, unsynced_invoice_ids
+    from portal.billing.sync_queue import enqueue_sync
+    from portal.models import Invoice
+
+    if bool(invoice_id) == all_dirty:
+        raise click.UsageError("give exactly one of --invoice ID or --all-dirty")
+    if invoice_id and db.session.get(Invoice, invoice_id) is None:
+        raise click.ClickException(f"no invoice {invoice_id}")
+    ids = [invoice_id] if invoice_id else unsynced_invoice_ids()
+    db.session.rollback()
+    for one in ids:
+        if now:
+            run = sync_invoice(one, trigger="manual")
+            click.echo(f"invoice {one}: {run.outcome} (created {run.created}, updated {run.updated}, "
+                       f"deleted {run.deleted}, unchanged {run.unchanged}; {run.stripe_calls} Stripe calls)"
+                       + (f": {run.error}" if run.error else ""))
+        else:
+            click.echo(f"invoice {one}: queued job {enqueue_sync(one, trigger='manual')}")
+    if not ids:
+        click.echo("Nothing to sync.")
+
+
+@click.command("schedule")
+def schedule() -> None:
+    """Register the periodic jobs with rq-scheduler (idempotent: fixed job ids)."""
+    from flask import current_app
+
+    from jobs.schedule import schedule_periodic_jobs
+    from portal.queue import redis_connection
+
+    report = schedule_periodic_jobs(redis_connection(), current_app.config)
+    for state in ("added", "kept", "removed"):
+        for job_id in report[state]:
+            click.echo(f"{state}: {job_id}")
 
 
 @click.command("seed-demo")

@@ -31,10 +31,16 @@ class StripeLine:
     versions: list[int] = field(default_factory=list)
 
 
+def _with_quantity(item: InvoiceItem) -> str:
+    """The line as the customer reads it on Stripe's invoice: what, and how much."""
+    quantity = f"{item.quantity.normalize():,f}" if item.quantity else "0"
+    return f"{item.description}: {quantity} {item.product.unit}"
+
+
 def stripe_lines(items: Iterable[InvoiceItem], threshold: int = ROLLUP_THRESHOLD) -> list[StripeLine]:
     items = sorted(items, key=lambda item: item.id)
     if len(items) <= threshold:
-        return [StripeLine(f"item-{item.id}", item.description, item.amount_cents, [item.id], [item.version])
+        return [StripeLine(f"item-{item.id}", _with_quantity(item), item.amount_cents, [item.id], [item.version])
                 for item in items]
     groups: dict[str, list[InvoiceItem]] = {}
     for item in items:
