@@ -29,6 +29,8 @@ class PeriodicJob:
 def periodic_job_definitions(config) -> list[PeriodicJob]:
     return [
         PeriodicJob("sweep-unsynced", "jobs.sync.sweep_unsynced", config["SYNC_INTERVAL_SECONDS"]),
+        PeriodicJob("close-due-cycles", "jobs.cycles.close_due_cycles", config["CLOSE_INTERVAL_SECONDS"]),
+        PeriodicJob("sweep-stored-events", "jobs.webhooks.sweep_stored_events", 60),
     ]
 
 

@@ -15,6 +15,11 @@ def sync_invoice(invoice_id: int, trigger: str = "manual") -> dict:
     with get_app().app_context():
         sync_started(invoice_id)
         run = run_sync(invoice_id, trigger=trigger, job_id=job.id if job else None)
+        if run.outcome == "stripe_invoice_finalized":
+            # Finalized behind the portal's back: the end-of-cycle logic takes over.
+            from portal.queue import queue
+
+            queue("default").enqueue("jobs.cycles.refresh_invoice_from_stripe", invoice_id)
         return {"sync_run": run.id, "outcome": run.outcome, "created": run.created, "updated": run.updated,
                 "deleted": run.deleted, "unchanged": run.unchanged, "stripe_calls": run.stripe_calls,
                 "error": run.error}

@@ -41,13 +41,16 @@ def create_app(config: object | None = None) -> Flask:
     from portal.auth import bp as auth_bp
     from portal.customer import bp as customer_bp
     from portal.health import bp as health_bp
+    from portal.webhooks import bp as webhooks_bp
 
     app.register_blueprint(auth_bp)
     app.register_blueprint(customer_bp)
     app.register_blueprint(admin_bp, url_prefix="/admin")
     app.register_blueprint(api_bp, url_prefix="/api/v1")
     app.register_blueprint(health_bp)
+    app.register_blueprint(webhooks_bp)
     csrf.exempt(api_bp)
+    csrf.exempt(webhooks_bp)
     csrf.exempt(health_bp)
 
     from portal.cli import register_commands

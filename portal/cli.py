@@ -16,6 +16,42 @@ def register_commands(app: Flask) -> None:
     app.cli.add_command(create_user)
     app.cli.add_command(sync)
     app.cli.add_command(schedule)
+    app.cli.add_command(close_cycle)
+
+
+@click.command("close-cycle")
+@click.option("--org", "org_slug", help="Close this organization's open invoice now, whatever its period.")
+@click.option("--due", is_flag=True, help="Close every invoice whose period has ended.")
+def close_cycle(org_slug: str | None, due: bool) -> None:
+    """End-of-cycle close: final sync, finalize at Stripe, open the next invoice."""
+    from portal.billing.closing import CloseError, due_invoice_ids
+    from portal.billing.closing import close_cycle as close
+    from portal.billing.invoices import open_invoice
+
+    if bool(org_slug) == due:
+        raise click.UsageError("give exactly one of --org SLUG or --due")
+    if org_slug:
+        organization = db.session.scalar(select(Organization).where(Organization.slug == org_slug))
+        if organization is None:
+            raise click.ClickException(f"no organization {org_slug!r}")
+        invoice = open_invoice(organization)
+        if invoice is None:
+            raise click.ClickException(f"{org_slug!r} has no open invoice")
+        targets = [(invoice.id, True)]
+    else:
+        targets = [(invoice_id, False) for invoice_id in due_invoice_ids()]
+    db.session.rollback()
+    failed = 0
+    for invoice_id, end_now in targets:
+        try:
+            click.echo(f"invoice {invoice_id}: {close(invoice_id, end_now=end_now)}")
+        except CloseError as error:
+            failed += 1
+            click.echo(f"invoice {invoice_id}: not closed yet: {error}", err=True)
+    if not targets:
+        click.echo("Nothing to close.")
+    if failed:
+        raise click.ClickException(f"{failed} invoice(s) could not be closed now; run again later")
 
 
 @click.command("sync")

@@ -18,6 +18,7 @@ that Stripe replays, and it never retries a plain 429.
 """
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Iterator
@@ -267,3 +268,38 @@ def warm_up() -> None:
         {"object": "event", "id": "evt_x", "data": {"object": {"object": "invoice", "id": "in_x"}}},
     ):
         convert_to_stripe_object(payload)
+
+
+class WebhookRejected(Exception):
+    """A delivery that is not a genuine, fresh Stripe event."""
+
+
+WEBHOOK_TOLERANCE_SECONDS = 300
+
+
+def verify_webhook(payload: bytes, signature_header: str | None, secrets: list[str],
+                   tolerance: int = WEBHOOK_TOLERANCE_SECONDS) -> dict:
+    """The event, if `Stripe-Signature` signs this exact body with one of `secrets`
+    (several during a secret roll) within `tolerance` seconds; else WebhookRejected."""
+    if not secrets:
+        raise WebhookRejected("STRIPE_WEBHOOK_SECRET is not configured")
+    if not signature_header:
+        raise WebhookRejected("missing Stripe-Signature header")
+    for secret in secrets:
+        try:
+            stripe.WebhookSignature.verify_header(payload.decode("utf-8"), signature_header, secret, tolerance)
+        except stripe.SignatureVerificationError:
+            continue
+        except UnicodeDecodeError:
+            raise WebhookRejected("the body is not UTF-8") from None
+        break
+    else:
+        raise WebhookRejected("no valid signature for this body and time")
+    try:
+        event = json.loads(payload)
+    except ValueError:
+        raise WebhookRejected("the body is not JSON") from None
+    if not isinstance(event, dict) or not isinstance(event.get("id"), str) or not isinstance(event.get("type"), str) \
+            or not isinstance(event.get("created"), int):
+        raise WebhookRejected("not a Stripe event (id, type and created are required)")
+    return event

@@ -147,8 +147,10 @@ def live_server(app, database_uri, redis_url, tmp_path):
     from tests.services import free_port
 
     port = free_port()
+    from tests.webhook_helpers import SECRET
+
     env = {**os.environ, "DATABASE_URL": database_uri, "REDIS_URL": redis_url, "SECRET_KEY": "live-test",
-           "PORTAL_API_TOKENS": "test-token"}
+           "PORTAL_API_TOKENS": "test-token", "STRIPE_WEBHOOK_SECRET": SECRET}
     root = Path(__file__).resolve().parent.parent
     log = (tmp_path / "gunicorn.log").open("w")
     process = subprocess.Popen(

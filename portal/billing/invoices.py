@@ -19,8 +19,10 @@ def open_invoice(organization: Organization) -> Invoice | None:
     )
 
 
-def ensure_open_invoice(organization: Organization, at: datetime | None = None) -> Invoice:
-    """The open invoice, created for the cycle holding `at` when there is none.
+def ensure_open_invoice(organization: Organization, at: datetime | None = None,
+                        period: tuple[datetime, datetime] | None = None) -> Invoice:
+    """The open invoice, created for the cycle holding `at` (or for exactly `period`)
+    when there is none.
 
     Safe under concurrency: the partial unique index allows one open invoice per
     organization, so a racing creator loses, rolls back to its savepoint, and reads
@@ -30,7 +32,7 @@ def ensure_open_invoice(organization: Organization, at: datetime | None = None) 
     invoice = open_invoice(organization)
     if invoice is not None:
         return invoice
-    start, end = cycle_containing(at or utcnow(), organization.cycle_anchor_day)
+    start, end = period or cycle_containing(at or utcnow(), organization.cycle_anchor_day)
     invoice = Invoice(
         organization_id=organization.id,
         period_start=start,

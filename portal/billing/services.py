@@ -1,8 +1,8 @@
 """Recurring services attached to organizations, and what they are charged.
 
 The proration rule: a service is charged quantity x its price per cycle x (seconds
-attached within the cycle / seconds in the cycle), rounded once to the cent by the
-money module. While it stays attached its charge runs to the end of the cycle (what
+attached within the invoice's period / seconds in the billing cycle), rounded once
+to the cent by the money module. While it stays attached its charge runs to the end of the cycle (what
 the cycle will cost if nothing changes); detaching reprices it to the second. Each
 attachment is its own item, so the invoice shows when each service was attached.
 A quantity change ends the current attachment and starts a new one at the new
@@ -16,6 +16,7 @@ from decimal import Decimal
 from sqlalchemy import or_, select
 
 from portal import money
+from portal.billing.cycles import cycle_containing
 from portal.billing.invoices import ensure_open_invoice
 from portal.billing.pricing import set_item
 from portal.extensions import db
@@ -35,9 +36,11 @@ def _charge(attachment: ServiceAttachment, invoice: Invoice) -> bool:
     start = max(attachment.attached_at, invoice.period_start)
     end = min(attachment.detached_at or invoice.period_end, invoice.period_end)
     seconds = money.seconds_between(start, end)
+    # The price is per cycle; an invoice cut short by "close cycle now" covers part of one.
+    cycle_start, cycle_end = cycle_containing(invoice.period_start, attachment.organization.cycle_anchor_day)
     amount = money.prorated_amount(
         attachment.quantity, attachment.product.unit_price, seconds,
-        money.seconds_between(invoice.period_start, invoice.period_end),
+        money.seconds_between(cycle_start, cycle_end),
     )
     until = f"{attachment.detached_at:%Y-%m-%d %H:%M}" if attachment.detached_at else "end of cycle"
     label = attachment.product.name + (f" ({attachment.resource})" if attachment.resource else "")

@@ -1,0 +1,199 @@
+"""The end of a billing cycle, and keeping the portal's invoice in step with Stripe's.
+
+`close_cycle(invoice_id)`: claim the open invoice for closing (status `closing`) and,
+in the same transaction, open the organization's next invoice, so usage that arrives
+from then on lands on the new invoice (usage for the closing period as a labelled
+late line); then the final sync, and the finalize at Stripe with automatic
+collection. `apply_stripe_invoice(...)`: move the portal invoice to the state of the
+Stripe invoice (finalized with its number and links, paid, uncollectible, void),
+opening the next invoice when it leaves `open`.
+
+Both are idempotent and may run in either order, twice, or concurrently (the close
+job, the `invoice.finalized` webhook, Stripe finalizing on its own at
+`automatically_finalizes_at`): states only move forward, the claim is one
+conditional UPDATE, the finalize happens under the invoice's lock after re-checking
+the state, and the partial unique index allows one open invoice per organization.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import select, update
+
+from portal.billing.invoices import ensure_open_invoice
+from portal.billing.services import charge_services
+from portal.billing.sync import sync_invoice
+from portal.extensions import db
+from portal.locks import invoice_lock
+from portal.models import Invoice, Organization
+from portal.models.types import utcnow
+from portal.stripe_gateway import (
+    InvoiceNotEditable,
+    StripeFailure,
+    StripeGateway,
+    StripeObjectMissing,
+    gateway,
+)
+
+# Forward-only order of invoice states; terminal states share the top rank.
+RANK = {"open": 0, "closing": 1, "finalized": 2, "paid": 3, "uncollectible": 3, "void": 3}
+STRIPE_TO_PORTAL = {"open": "finalized", "paid": "paid", "uncollectible": "uncollectible", "void": "void"}
+
+
+class CloseError(Exception):
+    """The close could not finish now; it is safe to run again."""
+
+
+def may_move(current: str, new: str) -> bool:
+    """States only move forward; a debt marked uncollectible can still be paid."""
+    if current == new:
+        return False
+    if current == "uncollectible" and new == "paid":
+        return True
+    return RANK[new] > RANK[current]
+
+
+def open_next_invoice(invoice: Invoice) -> Invoice:
+    """The organization's open invoice after `invoice` (created if missing): the cycle
+    that starts where `invoice` ends. Safe to call any number of times."""
+    organization = db.session.get(Organization, invoice.organization_id)
+    return ensure_open_invoice(organization, invoice.period_end)
+
+
+def claim_for_closing(invoice_id: int, now: datetime | None = None, end_now: bool = False) -> bool:
+    """Move an open invoice to `closing` and open the next one, in one transaction.
+    Returns False if the invoice was not open (someone else closed it first).
+    With `end_now` (support's "close cycle now"), the period ends now and the new
+    invoice runs from now to the usual end of the cycle."""
+    now = now or utcnow()
+    invoice = db.session.get(Invoice, invoice_id, populate_existing=True)
+    if invoice is None or invoice.status != "open":
+        return False
+    values = {"status": "closing"}
+    original_end = invoice.period_end
+    if end_now and invoice.period_start < now < invoice.period_end:
+        values["period_end"] = now
+    claimed = db.session.execute(
+        update(Invoice).where(Invoice.id == invoice_id, Invoice.status == "open").values(**values)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if not claimed:
+        db.session.rollback()
+        return False
+    db.session.refresh(invoice)
+    organization = db.session.get(Organization, invoice.organization_id)
+    if "period_end" in values:
+        # Cut short: services are charged to the new end, and the next invoice runs
+        # for the rest of this cycle.
+        charge_services(invoice)
+        ensure_open_invoice(organization, period=(invoice.period_end, original_end))
+    else:
+        ensure_open_invoice(organization, invoice.period_end)
+    db.session.commit()
+    return True
+
+
+def close_cycle(invoice_id: int, end_now: bool = False, stripe: StripeGateway | None = None) -> str:
+    """Close one invoice's cycle: claim, final sync, finalize at Stripe. Returns the
+    outcome; raises CloseError when it must be retried later (e.g. Stripe is down)."""
+    invoice = db.session.get(Invoice, invoice_id)
+    if invoice is None:
+        raise LookupError(f"no invoice {invoice_id}")
+    if invoice.status == "open":
+        if not end_now and invoice.period_end > utcnow():
+            db.session.commit()
+            return "not_due"
+        claim_for_closing(invoice_id, end_now=end_now)
+    invoice = db.session.get(Invoice, invoice_id, populate_existing=True)
+    status = invoice.status
+    db.session.commit()  # hold no transaction while waiting for the invoice's lock
+    if status != "closing":
+        return f"already_{status}"
+    run = sync_invoice(invoice_id, trigger="cycle_close", stripe=stripe)
+    if run.outcome == "stripe_invoice_finalized":
+        return refresh_from_stripe(invoice_id, stripe)
+    if run.outcome == "not_open":  # finished by a concurrent close or a webhook meanwhile
+        return f"already_{db.session.get(Invoice, invoice_id, populate_existing=True).status}"
+    if run.outcome not in ("synced", "unchanged"):
+        raise CloseError(f"final sync of invoice {invoice_id}: {run.outcome}: {run.error or ''}")
+    return _finalize(invoice_id, stripe or gateway())
+
+
+def _finalize(invoice_id: int, stripe: StripeGateway) -> str:
+    with invoice_lock(invoice_id) as locked:
+        if not locked:
+            raise CloseError(f"invoice {invoice_id} is locked by another job")
+        invoice = db.session.get(Invoice, invoice_id, populate_existing=True)
+        db.session.commit()
+        if invoice.status != "closing":
+            return f"already_{invoice.status}"  # a webhook got here first
+        stripe_id = invoice.stripe_invoice_id
+        try:
+            stripe_invoice = stripe.retrieve_invoice(stripe_id)
+            if stripe_invoice.status == "draft":
+                stripe_invoice = stripe.finalize_invoice(stripe_id, key=f"portal-invoice-{invoice_id}-finalize")
+        except InvoiceNotEditable:
+            stripe_invoice = stripe.retrieve_invoice(stripe_id)
+        except StripeFailure as failure:
+            raise CloseError(f"finalize invoice {invoice_id}: {failure}") from failure
+        return apply_stripe_invoice(invoice_id, stripe_invoice)
+
+
+def refresh_from_stripe(invoice_id: int, stripe: StripeGateway | None = None) -> str:
+    """Re-read the Stripe invoice and apply its state (what a webhook handler does when
+    order matters)."""
+    invoice = db.session.get(Invoice, invoice_id)
+    if invoice is None or not invoice.stripe_invoice_id:
+        return "no_stripe_invoice"
+    stripe_id = invoice.stripe_invoice_id
+    db.session.commit()
+    try:
+        stripe_invoice = (stripe or gateway()).retrieve_invoice(stripe_id)
+    except StripeObjectMissing:
+        return "stripe_invoice_missing"
+    return apply_stripe_invoice(invoice_id, stripe_invoice)
+
+
+def apply_stripe_invoice(invoice_id: int, stripe_invoice) -> str:
+    """Move the portal invoice forward to the Stripe invoice's state; open the next
+    invoice when it leaves `open`. Returns the portal status afterwards."""
+    target = STRIPE_TO_PORTAL.get(stripe_invoice.status)
+    invoice = db.session.scalar(
+        select(Invoice).where(Invoice.id == invoice_id).with_for_update().execution_options(populate_existing=True)
+    )
+    if target is None or not may_move(invoice.status, target):
+        db.session.commit()
+        return invoice.status
+    was_open = invoice.status == "open"
+    invoice.status = target
+    invoice.sync_blocked = None
+    invoice.number = stripe_invoice.number or invoice.number
+    invoice.hosted_invoice_url = stripe_invoice.hosted_invoice_url or invoice.hosted_invoice_url
+    invoice.invoice_pdf = stripe_invoice.invoice_pdf or invoice.invoice_pdf
+    invoice.finalized_at = invoice.finalized_at or _stamp(stripe_invoice, "finalized_at") or utcnow()
+    if target == "paid":
+        invoice.paid_at = invoice.paid_at or _stamp(stripe_invoice, "paid_at") or utcnow()
+    if was_open:
+        # Finalized behind the portal's back (dashboard, automatically_finalizes_at):
+        # the cycle rolls over here.
+        open_next_invoice(invoice)
+    db.session.commit()
+    return target
+
+
+def _stamp(stripe_invoice, field: str) -> datetime | None:
+    from datetime import timezone
+
+    transitions = getattr(stripe_invoice, "status_transitions", None)
+    value = getattr(transitions, field, None) if transitions is not None else None
+    return datetime.fromtimestamp(value, timezone.utc) if value else None
+
+
+def due_invoice_ids(now: datetime | None = None) -> list[int]:
+    """Open invoices whose period has ended, and closes that stopped half-way."""
+    now = now or utcnow()
+    return list(db.session.scalars(
+        select(Invoice.id).where(
+            ((Invoice.status == "open") & (Invoice.period_end <= now)) | (Invoice.status == "closing")
+        ).order_by(Invoice.period_end)
+    ))

@@ -1,0 +1,38 @@
+"""`POST /webhooks/stripe`: verify the signature on the raw body, store the event
+(unique on Stripe's id), answer 2xx, and enqueue its processing after the commit.
+
+If Redis is down the event is still stored and acknowledged; the stored-event sweep
+processes it later. Exempt from CSRF and from login, and from nothing else.
+"""
+from __future__ import annotations
+
+from flask import Blueprint, current_app, jsonify, request
+
+from portal.billing.events import enqueue_processing, store_event
+from portal.extensions import db
+from portal.stripe_gateway import WebhookRejected, verify_webhook
+
+bp = Blueprint("webhooks", __name__)
+
+MAX_WEBHOOK_BYTES = 512 * 1024
+
+
+@bp.post("/webhooks/stripe")
+def stripe_webhook():
+    if request.content_length is not None and request.content_length > MAX_WEBHOOK_BYTES:
+        return jsonify({"error": "body too large"}), 400
+    payload = request.get_data(cache=False)
+    if len(payload) > MAX_WEBHOOK_BYTES:
+        return jsonify({"error": "body too large"}), 400
+    try:
+        event = verify_webhook(payload, request.headers.get("Stripe-Signature"),
+                               current_app.config["STRIPE_WEBHOOK_SECRETS"])
+    except WebhookRejected as rejected:
+        return jsonify({"error": str(rejected)}), 400
+    row_id, created = store_event(event)
+    db.session.commit()
+    try:
+        enqueue_processing(row_id)
+    except Exception as error:  # Redis down: the event is stored, the sweep will process it
+        current_app.logger.warning("stored Stripe event %s, could not enqueue: %s", event["id"], error)
+    return jsonify({"received": True, "duplicate": not created})

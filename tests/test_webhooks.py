@@ -1,0 +1,142 @@
+"""`POST /webhooks/stripe`: verified, stored once, acknowledged, processed later."""
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+import requests
+from redis import Redis
+from rq import Queue
+from sqlalchemy import func, select, update
+
+from jobs.webhooks import sweep_stored_events
+from portal.models import StripeEvent
+from portal.models.types import utcnow
+from portal.queue import redis_connection
+from tests.services import free_port
+from tests.webhook_helpers import SECRET, event_body, post_event, sign
+
+
+@pytest.fixture(autouse=True)
+def webhook_secret(app):
+    app.config["STRIPE_WEBHOOK_SECRETS"] = [SECRET]
+    yield
+    app.config["STRIPE_WEBHOOK_SECRETS"] = []
+
+
+def stored(db) -> int:
+    db.session.rollback()
+    return db.session.scalar(select(func.count()).select_from(StripeEvent))
+
+
+def test_signed_event_is_stored_acknowledged_and_queued(client, db):
+    body = event_body("evt_1")
+    response = post_event(client, body, sign(body))
+    assert response.status_code == 200 and response.get_json() == {"received": True, "duplicate": False}
+    assert stored(db) == 1
+    assert Queue("webhooks", connection=redis_connection()).count == 1
+
+
+def test_a_duplicate_delivery_is_acknowledged_and_stored_once(client, db):
+    body = event_body("evt_1")
+    post_event(client, body, sign(body))
+    response = post_event(client, body, sign(body))
+    assert response.status_code == 200 and response.get_json()["duplicate"] is True
+    assert stored(db) == 1
+
+
+def test_any_secret_of_a_roll_is_accepted(app, client, db):
+    app.config["STRIPE_WEBHOOK_SECRETS"] = ["whsec_old", SECRET]
+    body = event_body("evt_roll")
+    assert post_event(client, body, sign(body, "whsec_old")).status_code == 200
+    body = event_body("evt_roll_2")
+    assert post_event(client, body, sign(body, SECRET)).status_code == 200
+    assert stored(db) == 2
+
+
+@pytest.mark.parametrize(
+    "make_request",
+    [
+        lambda body: (body, None),  # no signature
+        lambda body: (body, sign(body, "whsec_forged")),  # forged
+        lambda body: (body, sign(body, timestamp=int(time.time()) - 600)),  # replayed too late
+        lambda body: (body + b" ", sign(body)),  # body changed after signing
+        lambda body: (b"not json", sign(b"not json")),  # malformed
+        lambda body: (b'{"id": "evt_x"}', sign(b'{"id": "evt_x"}')),  # not an event
+        lambda body: (b"{" + b" " * 600_000 + b"}", sign(b"{" + b" " * 600_000 + b"}")),  # too large
+    ],
+    ids=["unsigned", "forged", "stale", "tampered", "not-json", "not-an-event", "too-large"],
+)
+def test_bad_deliveries_are_400_and_store_nothing(client, db, make_request):
+    body, signature = make_request(event_body("evt_bad"))
+    response = post_event(client, body, signature)
+    assert response.status_code == 400
+    assert stored(db) == 0
+    assert Queue("webhooks", connection=redis_connection()).count == 0
+
+
+def test_one_event_posted_from_two_threads_at_once_is_stored_once(live_server, db):
+    body = event_body("evt_race")
+    results = []
+
+    def deliver():
+        results.append(requests.post(live_server.url + "/webhooks/stripe", data=body, timeout=10,
+                                     headers={"Stripe-Signature": sign(body), "Content-Type": "application/json"}))
+
+    threads = [threading.Thread(target=deliver) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [r.status_code for r in results] == [200, 200]
+    assert sorted(r.json()["duplicate"] for r in results) == [False, True]
+    assert stored(db) == 1
+
+
+def test_events_delivered_while_redis_is_down_are_processed_after_it_returns(app, client, db):
+    working = app.extensions["redis"]
+    app.extensions["redis"] = Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.2)
+    try:
+        body = event_body("evt_redis_down", "customer.updated", {"object": "customer", "id": "cus_x"})
+        assert post_event(client, body, sign(body)).status_code == 200
+    finally:
+        app.extensions["redis"] = working
+    assert stored(db) == 1
+    assert Queue("webhooks", connection=redis_connection()).count == 0
+    db.session.execute(update(StripeEvent).values(received_at=utcnow() - timedelta(minutes=5)))
+    db.session.commit()
+    from jobs.app import use_app
+
+    use_app(app)
+    assert sweep_stored_events() == {"enqueued": 1}
+    from rq import SimpleWorker
+
+    SimpleWorker([Queue("webhooks", connection=redis_connection())], connection=redis_connection()).work(burst=True)
+    db.session.rollback()
+    event = db.session.scalar(select(StripeEvent))
+    assert event.processed_at is not None and event.attempts == 1
+    db.session.rollback()
+    assert sweep_stored_events() == {"enqueued": 0}
+
+
+def test_unknown_event_types_are_stored_and_acknowledged(client, db, app):
+    from portal.billing.events import process_event
+
+    body = event_body("evt_unknown", "charge.dispute.created", {"object": "dispute", "id": "dp_1"})
+    assert post_event(client, body, sign(body)).status_code == 200
+    row = db.session.scalar(select(StripeEvent))
+    assert process_event(row.id).startswith("ignored")
+    assert process_event(row.id) == "already processed"
+
+
+def test_webhook_route_needs_no_login_or_csrf_but_the_rest_do(app, client):
+    app.config["WTF_CSRF_ENABLED"] = True
+    try:
+        body = event_body("evt_csrf")
+        assert post_event(client, body, sign(body)).status_code == 200
+        assert client.post("/logout").status_code in (302, 400)  # login-protected, CSRF-protected
+        assert client.post("/login", data={"email": "a@b.c", "password": "x"}).status_code == 400
+    finally:
+        app.config["WTF_CSRF_ENABLED"] = False
