@@ -107,6 +107,42 @@ def start_web(url: str, redis_url: str, workers: int) -> tuple[subprocess.Popen,
     raise SystemExit("the web server did not start")
 
 
+def _cpu_seconds(pids: list[int]) -> dict[int, float]:
+    """User + system CPU seconds of each of these processes (Linux /proc; empty elsewhere)."""
+    seconds = {}
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        seconds[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return seconds
+
+
+def _cpu_used(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds used between two readings; a process that started in between counts whole."""
+    return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
+
+
+def _processes(name: str, parent: int | None = None) -> list[int]:
+    """Pids of processes called `name` (and, with `parent`, that process and its children)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        comm, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+        if parent is not None:
+            if int(entry.name) == parent or int(rest[1]) == parent:
+                pids.append(int(entry.name))
+        elif comm == name or comm.startswith(name + ":"):
+            pids.append(int(entry.name))
+    return pids
+
+
 def load_through_api(base: str, batches: list[bytes], clients: int) -> float:
     pending = list(reversed(batches))
     lock = threading.Lock()
@@ -170,7 +206,12 @@ def main() -> None:
     batches = make_batches(args.events, args.organizations, args.resources, seed=1)
     process, base = start_web(url, redis_url, args.web_workers)
     try:
+        web_before = _cpu_seconds(_processes("gunicorn", parent=process.pid))
+        db_before, client_before = _cpu_seconds(_processes("postgres")), time.process_time()
         api_seconds = load_through_api(base, batches, args.clients)
+        client_cpu = time.process_time() - client_before
+        web_cpu = _cpu_used(web_before, _cpu_seconds(_processes("gunicorn", parent=process.pid)))
+        db_cpu = _cpu_used(db_before, _cpu_seconds(_processes("postgres")))
     finally:
         process.terminate()
         process.wait()
@@ -189,6 +230,10 @@ def main() -> None:
           f"organizations, {items} invoice items; gunicorn workers: {args.web_workers}")
     print(f"API (validate + dedupe + store + price): {api_rate:,.0f} events/s ({api_seconds:.2f} s)")
     print(f"raw COPY into usage_events:              {copy_rate:,.0f} events/s ({copy_seconds:.2f} s)")
+    per_batch = 1000 * 1000 / args.events
+    print(f"CPU per 1,000 events during the API load: web {web_cpu * per_batch:.0f} ms, PostgreSQL (every"
+          f" backend on the machine) {db_cpu * per_batch:.0f} ms, load generator {client_cpu * per_batch:.0f} ms;"
+          f" {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
     print(f"ratio API / COPY: {api_rate / copy_rate:.2f} (target >= 0.33); target 20,000 events/s: "
           f"{'met' if api_rate >= 20_000 else 'NOT met'}")
 

@@ -9,6 +9,7 @@ lose an update, and the invoice's total and change counter move by atomic
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -70,50 +71,63 @@ class ItemDelta:
         return line_key(self.product, self.resource, self.origin[0] if self.origin else None)
 
 
-def add_quantities(deltas: list[ItemDelta]) -> set[int]:
+def add_quantities(deltas: list[ItemDelta], existing: Collection[tuple[int, str]] = ()) -> set[int]:
     """Apply quantity deltas to invoice items, creating the items that are missing,
     repricing each (rounded once, by the money module), and moving each invoice's
     total and change counter. Returns the ids of the invoices changed.
 
     A few statements however many items there are (see `portal.billing.bulk`):
     insert the missing ones, lock and read all of them in a fixed order (so
-    concurrent batches never deadlock), write their new quantities and amounts,
-    move the invoices.
+    concurrent batches never deadlock), then write their new quantities and amounts
+    and move the invoices. Deltas for the same item are added up first, so each item
+    is read and written once. `existing` may name (invoice_id, line_key) of items
+    known to exist (committed): they are not offered for insertion again.
     """
-    deltas = sorted((d for d in deltas if d.quantity), key=lambda d: (d.invoice_id, d.key))
-    if not deltas:
-        return set()
-    now = utcnow()
-    bulk.insert_missing_items([
-        {
-            "invoice_id": d.invoice_id,
-            "product_id": d.product.id,
-            "line_key": d.key,
-            "resource": d.resource,
-            "description": describe(d.product, d.resource, d.origin),
-            "quantity": Decimal(0),
-            "unit_price": d.product.unit_price,
-            "amount_cents": 0,
-            "origin_period_start": d.origin[0] if d.origin else None,
-            "origin_period_end": d.origin[1] if d.origin else None,
-            "version": 1,
-            "updated_at": now,
-        }
-        for d in deltas
-    ])
-    by_key = {(row.invoice_id, row.line_key): row for row in bulk.lock_items([(d.invoice_id, d.key) for d in deltas])}
-    changes, amount_deltas = [], defaultdict(int)
+    merged: dict[tuple[int, str], list] = {}
     for delta in deltas:
-        row = by_key[(delta.invoice_id, delta.key)]
-        quantity = row.quantity + delta.quantity
+        if not delta.quantity:
+            continue
+        key = (delta.invoice_id, delta.key)
+        entry = merged.get(key)
+        if entry is None:
+            merged[key] = [delta, delta.quantity]
+        else:
+            entry[1] += delta.quantity
+    if not merged:
+        return set()
+    keys = sorted(merged)  # (invoice_id, line_key): line keys by code point, as COLLATE "C"
+    now = utcnow()
+    rows = []
+    for invoice_id, key in keys:
+        if (invoice_id, key) in existing:
+            continue
+        delta = merged[(invoice_id, key)][0]
+        product, origin = delta.product, delta.origin
+        rows.append({
+            "invoice_id": invoice_id,
+            "product_id": product.id,
+            "line_key": key,
+            "resource": delta.resource,
+            "description": describe(product, delta.resource, origin),
+            "unit_price": product.unit_price,
+            "origin_period_start": origin[0] if origin else None,
+            "origin_period_end": origin[1] if origin else None,
+        })
+    if rows:
+        bulk.insert_missing_items(rows, now)
+    locked = bulk.lock_items(keys)
+    if len(locked) != len(keys):
+        raise RuntimeError(f"locked {len(locked)} of {len(keys)} invoice items")
+    changes, amount_deltas = [], defaultdict(int)
+    for row in locked:
+        quantity = row.quantity + merged[(row.invoice_id, row.line_key)][1]
         if quantity < 0:
             raise money.MoneyError("an item's quantity cannot go below zero")
         amount = money.line_amount(quantity, row.unit_price)
         amount_deltas[row.invoice_id] += amount - row.amount_cents
         changes.append({"id": row.id, "quantity": quantity, "amount_cents": amount,
                         "version": row.version + 1, "updated_at": now})
-    bulk.update_items(changes)
-    bulk.move_invoices(amount_deltas)
+    bulk.update_items_and_invoices(changes, amount_deltas)
     return set(amount_deltas)
 
 

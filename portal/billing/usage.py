@@ -21,13 +21,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from sqlalchemy import select, update
+from sqlalchemy import BigInteger, String, and_, any_, bindparam, or_, select, update
+from sqlalchemy.dialects import postgresql
 
 from portal import money
 from portal.billing import bulk
 from portal.billing.cycles import cycle_containing
 from portal.billing.invoices import ensure_open_invoice
-from portal.billing.pricing import ItemDelta, add_quantities
+from portal.billing.pricing import ItemDelta, add_quantities, line_key
 from portal.extensions import db
 from portal.models import Invoice, Organization, Product, UsageEvent
 from portal.models.types import utcnow
@@ -57,14 +58,26 @@ class IngestResult:
     invoices_changed: set[int] = field(default_factory=set)
 
 
-@dataclass(frozen=True)
+@dataclass
+class _Org:
+    id: int
+    cycle_anchor_day: int
+
+
 class _Event:
-    event_id: str
-    organization: Organization
-    product: Product
-    quantity: Decimal
-    occurred_at: datetime
-    resource: str
+    __slots__ = ("event_id", "organization", "product", "quantity", "occurred_at", "resource")
+
+    def __init__(self, event_id: str, organization: _Org, product: Product, quantity: Decimal,
+                 occurred_at: datetime, resource: str):
+        self.event_id = event_id
+        self.organization = organization
+        self.product = product
+        self.quantity = quantity
+        self.occurred_at = occurred_at
+        self.resource = resource
+
+
+_FIELDS = frozenset({"id", "organization", "product", "quantity", "occurred_at", "resource"})
 
 
 def parse_timestamp(value: object) -> datetime | None:
@@ -82,46 +95,67 @@ def parse_timestamp(value: object) -> datetime | None:
         return None
 
 
+def _any(column, values: list, item_type):
+    """`column IN values`: one array parameter on PostgreSQL (a statement the driver
+    can prepare once), an expanding IN on SQLite."""
+    if db.engine.dialect.name == "postgresql":
+        return column == any_(bindparam(None, values, type_=postgresql.ARRAY(item_type)))
+    return column.in_(values)
+
+
 def _validate(events: object, now: datetime) -> list[_Event]:
     if not isinstance(events, list):
         raise BatchRejected([{"index": None, "errors": ['"events" must be a list']}])
-    wanted_slugs = {e.get("organization") for e in events if isinstance(e, dict)}
-    wanted_codes = {e.get("product") for e in events if isinstance(e, dict)}
+    wanted_slugs, wanted_codes = set(), set()
+    for e in events:
+        if isinstance(e, dict):
+            slug, code = e.get("organization"), e.get("product")
+            if isinstance(slug, str):
+                wanted_slugs.add(slug)
+            if isinstance(code, str):
+                wanted_codes.add(code)
     organizations = {
-        o.slug: o
-        for o in db.session.scalars(
-            select(Organization).where(Organization.slug.in_([s for s in wanted_slugs if isinstance(s, str)]))
+        row.slug: _Org(row.id, row.cycle_anchor_day)
+        for row in db.session.execute(
+            select(Organization.id, Organization.slug, Organization.cycle_anchor_day)
+            .where(_any(Organization.slug, sorted(wanted_slugs), String))
         )
-    }
+    } if wanted_slugs else {}
     products = {
         p.code: p
-        for p in db.session.scalars(
-            select(Product).where(Product.code.in_([c for c in wanted_codes if isinstance(c, str)]))
-        )
+        for p in db.session.scalars(select(Product).where(_any(Product.code, sorted(wanted_codes), String)))
+    } if wanted_codes else {}
+    # Per product: None when it can be metered, else why not (checked once per batch).
+    product_problems = {
+        code: (f"product {code!r} is a recurring service: attach it instead" if p.kind != "metered"
+               else None if p.active else f"product {code!r} is no longer sold")
+        for code, p in products.items()
     }
+    latest = now + MAX_FUTURE_SKEW
     valid, problems = [], []
     for index, event in enumerate(events):
-        errors = []
         if not isinstance(event, dict):
             problems.append({"index": index, "errors": ["an event must be an object"]})
             continue
-        unknown = set(event) - {"id", "organization", "product", "quantity", "occurred_at", "resource"}
-        if unknown:
+        errors = []
+        if not _FIELDS.issuperset(event):
+            unknown = set(event) - _FIELDS
             errors.append(f"unknown field(s): {', '.join(sorted(map(str, unknown)))}")
         event_id = event.get("id")
         if not isinstance(event_id, str) or not event_id or len(event_id) > MAX_EVENT_ID_LENGTH:
             errors.append(f"id must be a non-empty string of at most {MAX_EVENT_ID_LENGTH} characters")
-        organization = organizations.get(event.get("organization")) if isinstance(
-            event.get("organization"), str) else None
+        slug = event.get("organization")
+        organization = organizations.get(slug) if isinstance(slug, str) else None
         if organization is None:
-            errors.append(f"unknown organization {event.get('organization')!r}")
-        product = products.get(event.get("product")) if isinstance(event.get("product"), str) else None
+            errors.append(f"unknown organization {slug!r}")
+        code = event.get("product")
+        product = products.get(code) if isinstance(code, str) else None
         if product is None:
-            errors.append(f"unknown product {event.get('product')!r}")
-        elif product.kind != "metered":
-            errors.append(f"product {product.code!r} is a recurring service: attach it instead")
-        elif not product.active:
-            errors.append(f"product {product.code!r} is no longer sold")
+            errors.append(f"unknown product {code!r}")
+        else:
+            problem = product_problems[code]
+            if problem is not None:
+                errors.append(problem)
         try:
             quantity = money.quantity(event.get("quantity"))
         except money.MoneyError as error:
@@ -130,7 +164,7 @@ def _validate(events: object, now: datetime) -> list[_Event]:
         occurred_at = parse_timestamp(event.get("occurred_at"))
         if occurred_at is None:
             errors.append("occurred_at must be an RFC 3339 timestamp with a time zone offset")
-        elif occurred_at > now + MAX_FUTURE_SKEW:
+        elif occurred_at > latest:
             errors.append("occurred_at lies in the future")
         resource = event.get("resource", "")
         if resource is None:
@@ -140,7 +174,7 @@ def _validate(events: object, now: datetime) -> list[_Event]:
         if errors:
             problems.append({"index": index, "id": event_id if isinstance(event_id, str) else None,
                              "errors": errors})
-        else:
+        elif not problems:  # once the batch is rejected, only the problems matter
             valid.append(_Event(event_id, organization, product, quantity, occurred_at, resource))
     if problems:
         raise BatchRejected(problems)
@@ -164,78 +198,110 @@ def ingest_usage(sender: str, events: object, now: datetime | None = None) -> In
     # One row per (sender, id): a repeat inside the batch is a duplicate too.
     unique: dict[str, _Event] = {}
     for event in batch:
-        unique.setdefault(event.event_id, event)
-    placements = _placements({e.organization for e in unique.values()}, now)
+        if event.event_id not in unique:
+            unique[event.event_id] = event
+    organizations = {event.organization.id: event.organization for event in unique.values()}
+    times = [event.occurred_at for event in unique.values()]
+    placements = _placements(organizations, min(times), max(times), now)
+
+    # Where each event is priced, decided once: the item it adds to, as (invoice id,
+    # product, resource, origin period), or None for usage priced when the next invoice opens.
+    item_of: dict[str, tuple | None] = {}
     rows = []
     for event in unique.values():
-        invoice, origin = _place(placements[event.organization.id], event.occurred_at)
+        invoice_id, origin = _place(placements[event.organization.id], event.occurred_at)
+        item_of[event.event_id] = (
+            None if invoice_id is None else (invoice_id, event.product, event.resource, origin))
         rows.append(
             {
-                "sender": sender,
                 "event_id": event.event_id,
                 "organization_id": event.organization.id,
                 "product_id": event.product.id,
                 "quantity": event.quantity,
                 "occurred_at": event.occurred_at,
                 "resource": event.resource,
-                "received_at": now,
-                "invoice_id": invoice.id if invoice else None,
+                "invoice_id": invoice_id,
             }
         )
-    inserted = bulk.insert_new_usage_events(rows)
+    line_keys = {
+        item: (item[0], line_key(item[1], item[2], item[3][0] if item[3] else None))
+        for item in set(item_of.values()) if item is not None
+    }
+    inserted, existing = bulk.insert_new_usage_events(sender, now, rows, list(line_keys.values()))
     result.accepted = len(inserted)
     result.duplicates = len(batch) - result.accepted
 
-    deltas: dict[tuple, Decimal] = defaultdict(Decimal)
+    added: dict[tuple, Decimal] = {}
     for event_id in inserted:
-        event = unique[event_id]
-        invoice, origin = _place(placements[event.organization.id], event.occurred_at)
-        if invoice is not None:
-            deltas[(invoice.id, event.product.id, event.resource, origin)] += event.quantity
-    products = {e.product.id: e.product for e in unique.values()}
-    changed = add_quantities(
-        [ItemDelta(invoice_id, products[product_id], resource, quantity, origin)
-         for (invoice_id, product_id, resource, origin), quantity in deltas.items()]
+        item = item_of[event_id]
+        if item is not None:
+            added[item] = added.get(item, Decimal(0)) + unique[event_id].quantity
+    result.invoices_changed = add_quantities(
+        [ItemDelta(invoice_id, product, resource, quantity, origin)
+         for (invoice_id, product, resource, origin), quantity in added.items()],
+        existing,
     )
-    result.invoices_changed = changed
     return result
 
 
 @dataclass
 class _Placement:
-    open_invoice: Invoice
-    closed: list[Invoice]
+    """An organization's open invoice (id and period), its billing anchor, and the
+    periods of its other invoices that could hold the batch's timestamps."""
+
+    open_id: int
+    open_start: datetime
+    open_end: datetime
+    anchor_day: int
+    closed: list[tuple[datetime, datetime]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, invoice: Invoice, anchor_day: int) -> _Placement:
+        return cls(invoice.id, invoice.period_start, invoice.period_end, anchor_day)
 
 
-def _placements(organizations: set[Organization], now: datetime) -> dict[int, _Placement]:
-    """Each organization's open invoice (opened if missing) and its other invoices."""
-    ids = [o.id for o in organizations]
-    invoices = defaultdict(list)
-    for invoice in db.session.scalars(select(Invoice).where(Invoice.organization_id.in_(ids))):
-        invoices[invoice.organization_id].append(invoice)
-    placements = {}
-    for organization in organizations:
-        current = next((i for i in invoices[organization.id] if i.status == "open"), None)
-        if current is None:
-            current = ensure_open_invoice(organization, now)
-        closed = [i for i in invoices[organization.id] if i.status != "open"]
-        placements[organization.id] = _Placement(current, closed)
+def _placements(organizations: dict[int, _Org], earliest: datetime, latest: datetime,
+                now: datetime) -> dict[int, _Placement]:
+    """Each organization's open invoice (opened if missing) and those of its other
+    invoices whose period overlaps [earliest, latest]: only these can hold one of the
+    batch's timestamps, so the read stays small however long the history grows."""
+    rows = db.session.execute(
+        select(Invoice.id, Invoice.organization_id, Invoice.status, Invoice.period_start, Invoice.period_end)
+        .where(
+            _any(Invoice.organization_id, sorted(organizations), BigInteger),
+            or_(Invoice.status == "open", and_(Invoice.period_start <= latest, Invoice.period_end > earliest)),
+        )
+        .order_by(Invoice.id)
+    ).all()
+    placements: dict[int, _Placement] = {}
+    closed = defaultdict(list)
+    for row in rows:
+        if row.status == "open":
+            placements[row.organization_id] = _Placement(
+                row.id, row.period_start, row.period_end, organizations[row.organization_id].cycle_anchor_day)
+        else:
+            closed[row.organization_id].append((row.period_start, row.period_end))
+    for organization_id, organization in organizations.items():
+        placement = placements.get(organization_id)
+        if placement is None:
+            invoice = ensure_open_invoice(db.session.get(Organization, organization_id), now)
+            placement = placements[organization_id] = _Placement.of(invoice, organization.cycle_anchor_day)
+        placement.closed = closed[organization_id]
     return placements
 
 
-def _place(placement: _Placement, at: datetime) -> tuple[Invoice | None, tuple | None]:
-    """(invoice to price onto, origin period for a late line), or (None, None) for
-    usage after the open invoice's period, priced when the next invoice opens."""
-    current = placement.open_invoice
-    if current.period_start <= at < current.period_end:
-        return current, None
-    if at >= current.period_end:
+def _place(placement: _Placement, at: datetime) -> tuple[int | None, tuple | None]:
+    """(id of the invoice to price onto, origin period for a late line), or (None, None)
+    for usage after the open invoice's period, priced when the next invoice opens."""
+    if placement.open_start <= at < placement.open_end:
+        return placement.open_id, None
+    if at >= placement.open_end:
         return None, None
-    for invoice in placement.closed:
-        if invoice.period_start <= at < invoice.period_end:
-            return current, (invoice.period_start, invoice.period_end)
-    start, end = cycle_containing(at, current.organization.cycle_anchor_day)
-    return current, (start, min(end, current.period_start))
+    for start, end in placement.closed:
+        if start <= at < end:
+            return placement.open_id, (start, end)
+    start, end = cycle_containing(at, placement.anchor_day)
+    return placement.open_id, (start, min(end, placement.open_start))
 
 
 def price_pending_usage(invoice: Invoice) -> int:
@@ -255,7 +321,7 @@ def price_pending_usage(invoice: Invoice) -> int:
     ).all()
     if not pending:
         return 0
-    placement = _Placement(invoice, [])
+    placement = _Placement.of(invoice, invoice.organization.cycle_anchor_day)
     products = {p.id: p for p in db.session.scalars(select(Product).where(
         Product.id.in_({row.product_id for row in pending})))}
     deltas: dict[tuple, Decimal] = defaultdict(Decimal)
