@@ -17,6 +17,74 @@ def register_commands(app: Flask) -> None:
     app.cli.add_command(sync)
     app.cli.add_command(schedule)
     app.cli.add_command(close_cycle)
+    app.cli.add_command(catalog)
+
+
+@click.group("catalog")
+def catalog() -> None:
+    """The catalog of products: data, editable without code.
+
+    A price change applies to items created from then on; an item already on an
+    open invoice keeps the unit price it started the cycle with."""
+
+
+@catalog.command("list")
+def catalog_list() -> None:
+    """Every product: code, kind, unit price (decimal cents), unit, name."""
+    from portal.models import Product
+
+    for product in db.session.scalars(select(Product).order_by(Product.code)):
+        state = "" if product.active else "  (no longer sold)"
+        click.echo(f"{product.code:32} {product.kind:9} {product.unit_price.normalize():>14f} cents per "
+                   f"{product.unit}  {product.name}{state}")
+
+
+@catalog.command("set")
+@click.argument("code")
+@click.option("--name")
+@click.option("--unit")
+@click.option("--price", help="Unit price in decimal cents, e.g. 0.0011.")
+@click.option("--kind", type=click.Choice(["metered", "recurring"]))
+@click.option("--active/--inactive", default=None, help="Whether it is still sold.")
+def catalog_set(code: str, name: str | None, unit: str | None, price: str | None, kind: str | None,
+                active: bool | None) -> None:
+    """Create or change a product."""
+    from decimal import Decimal, InvalidOperation
+
+    from portal.models import AuditEntry, Product
+
+    product = db.session.scalar(select(Product).where(Product.code == code))
+    if price is not None:
+        try:
+            price_value = Decimal(price)
+        except InvalidOperation:
+            raise click.BadParameter("not a decimal number", param_hint="--price") from None
+        if not price_value.is_finite() or price_value < 0:
+            raise click.BadParameter("must be a finite, non-negative number of cents", param_hint="--price")
+    if product is None:
+        missing = [flag for flag, value in (("--name", name), ("--unit", unit), ("--price", price),
+                                            ("--kind", kind)) if value is None]
+        if missing:
+            raise click.UsageError(f"a new product needs {', '.join(missing)}")
+        product = Product(code=code, name=name, unit=unit, unit_price=price_value, kind=kind,
+                          active=True if active is None else active)
+        db.session.add(product)
+        action = "catalog.create"
+    else:
+        if kind is not None and kind != product.kind:
+            raise click.ClickException("a product's kind cannot change; create a new product instead")
+        for field, value in (("name", name), ("unit", unit), ("active", active)):
+            if value is not None:
+                setattr(product, field, value)
+        if price is not None:
+            product.unit_price = price_value
+        action = "catalog.update"
+    db.session.flush()
+    db.session.add(AuditEntry(actor="cli", action=action, object_type="product", object_id=str(product.id),
+                              details={"code": code, "name": product.name, "unit": product.unit,
+                                       "unit_price": str(product.unit_price), "active": product.active}))
+    db.session.commit()
+    click.echo(f"{action.split('.')[1]}d {code}")
 
 
 @click.command("close-cycle")

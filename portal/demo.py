@@ -7,7 +7,8 @@ from decimal import Decimal
 from sqlalchemy import select
 
 from portal.billing.invoices import ensure_open_invoice
-from portal.billing.pricing import add_quantity
+from portal.billing.services import attach_service
+from portal.billing.usage import ingest_usage
 from portal.extensions import db
 from portal.models import Membership, Organization, Product, User
 from portal.models.types import utcnow
@@ -71,8 +72,17 @@ def seed() -> bool:
             ("egress.gb", "", "18.2"),
         ],
     }
+    events = []
     for organization, lines in usage.items():
-        invoice = ensure_open_invoice(organization, now - timedelta(seconds=1))
-        for code, resource, quantity in lines:
-            add_quantity(invoice, products[code], resource, Decimal(quantity))
+        invoice = ensure_open_invoice(organization, now)
+        # Spread over the part of the cycle that has passed, as sub-systems report it.
+        span = max(60, int((now - invoice.period_start).total_seconds()) - 60)
+        for n, (code, resource, quantity) in enumerate(lines):
+            at = now - timedelta(seconds=span * (n + 1) // (len(lines) + 1))
+            events.append({"id": f"demo-{organization.slug}-{n}", "organization": organization.slug,
+                           "product": code, "quantity": quantity, "resource": resource,
+                           "occurred_at": at.isoformat()})
+    ingest_usage("demo", events, now=now)
+    attach_service(acme, products["ipv4.dedicated"], Decimal(2), "edge-ips", now=now - timedelta(hours=6))
+    attach_service(acme, products["support.standard"], Decimal(1), "", now=now - timedelta(days=1))
     return True

@@ -60,3 +60,27 @@ def test_create_user_refuses_bad_input_and_changes_nothing(runner, db, make):
     short = runner.invoke(args=["create-user", "a@example.com", "--support", "--password-stdin"], input="short\n")
     assert short.exit_code != 0
     assert db.session.scalar(select(func.count()).select_from(User)) == 0
+
+
+def test_catalog_is_editable_without_code(runner, db):
+    created = runner.invoke(args=["catalog", "set", "gpu.a100", "--name", "A100 GPU", "--unit", "second",
+                                  "--price", "0.0805", "--kind", "metered"])
+    assert created.exit_code == 0, created.output
+    assert runner.invoke(args=["catalog", "set", "gpu.a100", "--price", "0.07"]).exit_code == 0
+    product = db.session.scalar(select(Product).where(Product.code == "gpu.a100"))
+    db.session.refresh(product)
+    assert str(product.unit_price.normalize()) == "0.07"
+    assert "gpu.a100" in runner.invoke(args=["catalog", "list"]).output
+    for bad in (["catalog", "set", "gpu.a100", "--price", "-1"], ["catalog", "set", "gpu.a100", "--price", "NaN"],
+                ["catalog", "set", "new.thing", "--price", "1"], ["catalog", "set", "gpu.a100", "--kind", "recurring"]):
+        assert runner.invoke(args=bad).exit_code != 0, bad
+    db.session.refresh(product)
+    assert str(product.unit_price.normalize()) == "0.07" and product.kind == "metered"
+
+
+def test_seeded_usage_goes_through_ingestion_and_services_are_charged(runner, db):
+    from portal.models import ServiceAttachment, UsageEvent
+
+    runner.invoke(args=["seed-demo"])
+    assert db.session.scalar(select(func.count()).select_from(UsageEvent)) == 7
+    assert db.session.scalar(select(func.count()).select_from(ServiceAttachment)) == 2
