@@ -126,6 +126,9 @@ class StripeGateway:
     def create_customer(self, params: dict, key: str):
         return self._write(lambda options: self.client.v1.customers.create(params=params, options=options), key)
 
+    def customers_by_email(self, email: str) -> Iterator[Any]:
+        yield from self._paginate(lambda params: self.client.v1.customers.list(params={**params, "email": email}))
+
     def create_invoice(self, params: dict, key: str):
         return self._write(lambda options: self.client.v1.invoices.create(params=params, options=options), key)
 

@@ -273,3 +273,29 @@ def test_without_stripe_configured_the_run_says_so(db, app, billed):
     invoice_id, _ = billed
     app.config["STRIPE_API_KEY"] = None
     assert sync_invoice(invoice_id).outcome == "stripe_not_configured"
+
+
+def test_a_customer_left_by_a_crashed_run_is_adopted_not_created_again(db, stripe_emulator, billed):
+    invoice_id, _ = billed
+    organization = db.session.get(Invoice, invoice_id).organization
+    left_behind = stripe_client(stripe_emulator).v1.customers.create(params={
+        "name": organization.name, "email": organization.billing_email,
+        "metadata": {"portal_organization_id": str(organization.id)}})
+    run = sync_invoice(invoice_id)
+    assert run.outcome == "synced"
+    assert run.stripe_writes == 2  # the draft and its lines: no second customer
+    db.session.refresh(organization)
+    assert organization.stripe_customer_id == left_behind.id
+
+
+def test_a_draft_left_by_a_crashed_run_is_adopted_not_created_again(db, stripe_emulator, billed):
+    invoice_id, _ = billed
+    assert sync_invoice(invoice_id).outcome == "synced"
+    invoice = db.session.get(Invoice, invoice_id)
+    left_behind = invoice.stripe_invoice_id
+    invoice.stripe_invoice_id = None  # the crashed run never recorded it
+    db.session.commit()
+    run = sync_invoice(invoice_id)
+    assert run.outcome == "unchanged" and run.stripe_writes == 0
+    assert db.session.get(Invoice, invoice_id).stripe_invoice_id == left_behind
+    assert_stripe_matches_portal(db, stripe_emulator, invoice_id)

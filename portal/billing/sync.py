@@ -173,14 +173,19 @@ class _Run:
         organization = self.organization
         if organization.stripe_customer_id:
             return
-        customer = self.stripe.create_customer(
-            {
-                "name": organization.name,
-                "email": organization.billing_email,
-                "metadata": {"portal_organization_id": str(organization.id), "portal_slug": organization.slug},
-            },
-            key=f"portal-organization-{organization.id}-customer",
-        )
+        # A run that crashed after creating the customer left it behind: adopt it.
+        for customer in self.stripe.customers_by_email(organization.billing_email):
+            if _metadata(customer).get("portal_organization_id") == str(organization.id):
+                organization.stripe_customer_id = customer.id
+                db.session.commit()
+                return
+        params = {
+            "name": organization.name,
+            "email": organization.billing_email,
+            "metadata": {"portal_organization_id": str(organization.id), "portal_slug": organization.slug},
+        }
+        digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:40]
+        customer = self.stripe.create_customer(params, key=f"portal-organization-{organization.id}-customer-{digest}")
         organization.stripe_customer_id = customer.id
         db.session.commit()
 
