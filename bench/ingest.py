@@ -15,12 +15,9 @@ import argparse
 import json
 import os
 import random
-import socket
-import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -30,28 +27,15 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import rebuild_database, start_web  # noqa: E402
+
 TOKEN = "bench:bench-token"
 PRODUCTS = [("machines.shared-cpu-1x", "0.0011"), ("machines.performance-2x", "0.0172"),
             ("volumes.gb", "0.0208"), ("egress.gb", "2")]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def prepare_database(url: str, organizations: int) -> None:
-    admin_url, _, name = url.rpartition("/")
-    with psycopg.connect(f"{admin_url}/postgres", autocommit=True) as admin:
-        if not admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
-            admin.execute(f'CREATE DATABASE "{name}"')
-    with psycopg.connect(url, autocommit=True) as connection:
-        connection.execute("DROP SCHEMA public CASCADE")
-        connection.execute("CREATE SCHEMA public")
-    env = {**os.environ, "DATABASE_URL": url, "SECRET_KEY": "bench"}
-    subprocess.run([str(ROOT / ".venv/bin/flask"), "--app", "wsgi", "db", "upgrade"], cwd=ROOT, env=env,
-                   check=True, capture_output=True)
+    rebuild_database(url)
     with psycopg.connect(url) as connection:
         for code, price in PRODUCTS:
             connection.execute(
@@ -87,24 +71,6 @@ def make_batches(count: int, organizations: int, resources: int, seed: int) -> l
             "resource": f"res-{rng.randrange(resources)}",
         })
     return [json.dumps({"events": events[i:i + 1000]}).encode() for i in range(0, count, 1000)]
-
-
-def start_web(url: str, redis_url: str, workers: int) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "DATABASE_URL": url, "REDIS_URL": redis_url, "SECRET_KEY": "bench",
-           "PORTAL_API_TOKENS": TOKEN}
-    process = subprocess.Popen(
-        [str(ROOT / ".venv/bin/gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
-         "--log-level", "warning", "wsgi:app"], cwd=ROOT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(base + "/healthz", timeout=1)
-            return process, base
-        except OSError:
-            time.sleep(0.1)
-    process.kill()
-    raise SystemExit("the web server did not start")
 
 
 def _cpu_seconds(pids: list[int]) -> dict[int, float]:
@@ -204,7 +170,8 @@ def main() -> None:
 
     prepare_database(url, args.organizations)
     batches = make_batches(args.events, args.organizations, args.resources, seed=1)
-    process, base = start_web(url, redis_url, args.web_workers)
+    process, base = start_web({"DATABASE_URL": url, "REDIS_URL": redis_url, "PORTAL_API_TOKENS": TOKEN},
+                              args.web_workers)
     try:
         web_before = _cpu_seconds(_processes("gunicorn", parent=process.pid))
         db_before, client_before = _cpu_seconds(_processes("postgres")), time.process_time()

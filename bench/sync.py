@@ -35,6 +35,7 @@ from rq import Queue
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import rebuild_database  # noqa: E402
 from stripe_emulator.process import start_emulator  # noqa: E402
 
 
@@ -45,15 +46,7 @@ def sql(url: str, statement: str, params=None, fetch: bool = False):
 
 
 def prepare_database(url: str) -> None:
-    admin_url, _, name = url.rpartition("/")
-    with psycopg.connect(f"{admin_url}/postgres", autocommit=True) as admin:
-        if not admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
-            admin.execute(f'CREATE DATABASE "{name}"')
-    with psycopg.connect(url, autocommit=True) as connection:
-        connection.execute("DROP SCHEMA public CASCADE")
-        connection.execute("CREATE SCHEMA public")
-    subprocess.run([str(ROOT / ".venv/bin/flask"), "--app", "wsgi", "db", "upgrade"], cwd=ROOT, check=True,
-                   env={**os.environ, "DATABASE_URL": url, "SECRET_KEY": "bench"}, capture_output=True)
+    rebuild_database(url)
     sql(url, "INSERT INTO products (code, name, unit, unit_price, kind, active) VALUES "
              "('machines.cpu', 'CPU', 'second', 0.0011, 'metered', true)")
 

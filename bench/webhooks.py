@@ -18,38 +18,21 @@ import hmac
 import http.client
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import psycopg
 from redis import Redis
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.common import rebuild_database, start_web  # noqa: E402
+
 SECRET = "whsec_bench"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def prepare_database(url: str) -> None:
-    admin_url, _, name = url.rpartition("/")
-    with psycopg.connect(f"{admin_url}/postgres", autocommit=True) as admin:
-        if not admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
-            admin.execute(f'CREATE DATABASE "{name}"')
-    with psycopg.connect(url, autocommit=True) as connection:
-        connection.execute("DROP SCHEMA public CASCADE")
-        connection.execute("CREATE SCHEMA public")
-    subprocess.run([str(ROOT / ".venv/bin/flask"), "--app", "wsgi", "db", "upgrade"], cwd=ROOT, check=True,
-                   env={**os.environ, "DATABASE_URL": url, "SECRET_KEY": "bench"}, capture_output=True)
 
 
 def signed_delivery(n: int) -> tuple[bytes, str]:
@@ -107,19 +90,12 @@ def main() -> None:
     url = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/portal_bench_webhooks")
     redis_url = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/11")
     Redis.from_url(redis_url).flushdb()
-    prepare_database(url)
-    port = free_port()
-    env = {**os.environ, "DATABASE_URL": url, "REDIS_URL": redis_url, "SECRET_KEY": "bench",
-           "STRIPE_WEBHOOK_SECRET": SECRET}
-    server = subprocess.Popen([str(ROOT / ".venv/bin/gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", "2",
-                               "--threads", "4", "--log-level", "warning", "wsgi:app"], cwd=ROOT, env=env)
+    rebuild_database(url)
+    # As the run command serves it: 2 workers x 4 threads.
+    server, base = start_web({"DATABASE_URL": url, "REDIS_URL": redis_url, "STRIPE_WEBHOOK_SECRET": SECRET},
+                             workers=2, threads=4)
+    port = int(base.rsplit(":", 1)[1])
     try:
-        for _ in range(300):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.1)
         webhook, health, errors = [], [], []
         per_thread = args.rate / args.connections
         threads = [threading.Thread(target=load, args=(port, kind, per_thread, args.seconds, out, errors))

@@ -957,14 +957,7 @@ class Store:
             raise StripeError(
                 f"You can only void open or uncollectible invoices; invoice {inv['id']} is {inv['status']}.",
             )
-        before = self._snap(inv)
-        inv["status"] = "void"
-        inv["status_transitions"]["voided_at"] = self.clock.now()
-        inv["next_payment_attempt"] = None
-        after = self.r_invoice(inv)
-        self.emit("invoice.updated", after, O.diff(before, after))
-        self.emit("invoice.voided", after)
-        return self.r_invoice(inv)
+        return self._end_collection(inv, "void", "voided_at", "invoice.voided")
 
     def mark_uncollectible(self, iid: str, p: dict) -> dict:
         """POST /v1/invoices/{id}/mark_uncollectible (open invoices)"""
@@ -973,13 +966,17 @@ class Store:
             raise StripeError(
                 f"You can only mark open invoices as uncollectible; invoice {inv['id']} is {inv['status']}.",
             )
+        return self._end_collection(inv, "uncollectible", "marked_uncollectible_at", "invoice.marked_uncollectible")
+
+    def _end_collection(self, inv: dict, status: str, transition: str, event_type: str) -> dict:
+        """Move an open invoice to a status where Stripe stops collecting it."""
         before = self._snap(inv)
-        inv["status"] = "uncollectible"
-        inv["status_transitions"]["marked_uncollectible_at"] = self.clock.now()
+        inv["status"] = status
+        inv["status_transitions"][transition] = self.clock.now()
         inv["next_payment_attempt"] = None
         after = self.r_invoice(inv)
         self.emit("invoice.updated", after, O.diff(before, after))
-        self.emit("invoice.marked_uncollectible", after)
+        self.emit(event_type, after)
         return self.r_invoice(inv)
 
     def list_lines(self, iid: str, p: dict) -> dict:
