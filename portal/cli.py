@@ -71,6 +71,8 @@ def catalog_set(code: str, name: str | None, unit: str | None, price: str | None
         db.session.add(product)
         action = "catalog.create"
     else:
+        if product.kind not in ("metered", "recurring"):
+            raise click.ClickException(f"{code} is the portal's own {product.kind} product; it is not edited here")
         if kind is not None and kind != product.kind:
             raise click.ClickException("a product's kind cannot change; create a new product instead")
         for field, value in (("name", name), ("unit", unit), ("active", active)):

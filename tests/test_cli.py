@@ -84,3 +84,14 @@ def test_seeded_usage_goes_through_ingestion_and_services_are_charged(runner, db
     runner.invoke(args=["seed-demo"])
     assert db.session.scalar(select(func.count()).select_from(UsageEvent)) == 7
     assert db.session.scalar(select(func.count()).select_from(ServiceAttachment)) == 2
+
+
+def test_the_portals_own_credit_product_is_not_edited_from_the_catalog_commands(runner, db):
+    from decimal import Decimal
+
+    db.session.add(Product(code="portal.credit", name="Credit", unit="credit", unit_price=Decimal(0), kind="credit",
+                           active=False))
+    db.session.commit()
+    assert runner.invoke(args=["catalog", "set", "portal.credit", "--active"]).exit_code != 0
+    db.session.rollback()
+    assert db.session.scalar(select(Product.active).where(Product.code == "portal.credit")) is False

@@ -80,6 +80,15 @@ class _Event:
 _FIELDS = frozenset({"id", "organization", "product", "quantity", "occurred_at", "resource"})
 
 
+def _why_not_metered(product: Product) -> str | None:
+    """None when usage of this product can be reported, else why not."""
+    if product.kind == "recurring":
+        return f"product {product.code!r} is a recurring service: attach it instead"
+    if product.kind != "metered":
+        return f"product {product.code!r} is not a metered product"
+    return None if product.active else f"product {product.code!r} is no longer sold"
+
+
 def parse_timestamp(value: object) -> datetime | None:
     """An RFC 3339 timestamp with an explicit offset, as an aware datetime; else None."""
     if not isinstance(value, str) or not _RFC3339.match(value):
@@ -126,11 +135,7 @@ def _validate(events: object, now: datetime) -> list[_Event]:
         for p in db.session.scalars(select(Product).where(_any(Product.code, sorted(wanted_codes), String)))
     } if wanted_codes else {}
     # Per product: None when it can be metered, else why not (checked once per batch).
-    product_problems = {
-        code: (f"product {code!r} is a recurring service: attach it instead" if p.kind != "metered"
-               else None if p.active else f"product {code!r} is no longer sold")
-        for code, p in products.items()
-    }
+    product_problems = {code: _why_not_metered(p) for code, p in products.items()}
     latest = now + MAX_FUTURE_SKEW
     valid, problems = [], []
     for index, event in enumerate(events):

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
-from flask import Blueprint, abort, redirect, render_template, url_for
+from flask import Blueprint, abort, flash, redirect, render_template, url_for
 from flask_login import current_user, login_required
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
+from portal.customer.overview import billing_overview, last_finished_sync
+from portal.customer.payment_methods import PaymentPortalUnavailable, payment_portal_url
 from portal.extensions import db
 from portal.models import Invoice, InvoiceItem, Membership, Organization
 
@@ -35,6 +37,10 @@ def _organization_or_404(slug: str) -> Organization:
     return organization
 
 
+def _is_member(organization: Organization) -> bool:
+    return db.session.get(Membership, (current_user.id, organization.id)) is not None
+
+
 @bp.get("/")
 def index():
     return redirect(url_for("customer.billing"))
@@ -53,19 +59,24 @@ def billing():
 @login_required
 def organization_billing(slug: str):
     organization = _organization_or_404(slug)
-    invoices = list(
-        db.session.scalars(
-            select(Invoice)
-            .where(Invoice.organization_id == organization.id)
-            .options(selectinload(Invoice.items).joinedload(InvoiceItem.product))
-            .order_by(Invoice.period_start.desc(), Invoice.id.desc())
-        )
-    )
-    current = next((invoice for invoice in invoices if invoice.status == "open"), None)
-    past = [invoice for invoice in invoices if invoice is not current]
-    return render_template(
-        "customer/billing.html", organization=organization, current=current, past=past
-    )
+    return render_template("customer/billing.html", overview=billing_overview(organization),
+                           organization=organization, is_member=_is_member(organization))
+
+
+@bp.post("/orgs/<slug>/billing/payment-methods")
+@login_required
+def manage_payment_methods(slug: str):
+    """Open a Stripe customer-portal session and send the customer there."""
+    organization = _organization_or_404(slug)
+    if not _is_member(organization):
+        abort(403)  # support staff see the page but do not act as the customer at Stripe
+    return_url = url_for("customer.organization_billing", slug=organization.slug, _external=True)
+    try:
+        url = payment_portal_url(organization, return_url)
+    except PaymentPortalUnavailable as unavailable:
+        flash(str(unavailable), "error")
+        return redirect(url_for("customer.organization_billing", slug=organization.slug))
+    return redirect(url, code=303)
 
 
 @bp.get("/orgs/<slug>/invoices/<int:invoice_id>")
@@ -79,4 +90,6 @@ def invoice_detail(slug: str, invoice_id: int):
     )
     if invoice is None:
         abort(404)
-    return render_template("customer/invoice.html", organization=organization, invoice=invoice)
+    last_sync = last_finished_sync(invoice.id) if invoice.status in ("open", "closing") else None
+    return render_template("customer/invoice.html", organization=organization, invoice=invoice,
+                           last_sync=last_sync)

@@ -9,13 +9,15 @@ from sqlalchemy.orm import Mapped, mapped_column
 from portal.extensions import db
 from portal.models.types import PRICE, BigIntPK
 
-PRODUCT_KINDS = ("metered", "recurring")
+# `credit` is the portal's own product for support's credits (negative lines); it is
+# never sold (inactive), so the catalog, usage and services never offer it.
+PRODUCT_KINDS = ("metered", "recurring", "credit")
 
 
 class Product(db.Model):
     __tablename__ = "products"
     __table_args__ = (
-        CheckConstraint("kind IN ('metered', 'recurring')", name="kind_known"),
+        CheckConstraint(f"kind IN ({', '.join(repr(kind) for kind in PRODUCT_KINDS)})", name="kind_known"),
         CheckConstraint("unit_price >= 0", name="unit_price_non_negative"),
     )
 

@@ -1,0 +1,84 @@
+"""Credits: support lowers what an organization owes with a negative invoice line.
+
+A credit is its own item on the open invoice (quantity 1, a negative amount in
+integer cents), billed under the portal's own `credit` product, which is created on
+first use and never sold. Adding it moves the invoice's total and marks the invoice
+unsynced in the caller's transaction, like any other change to the items, so the
+next sync carries it to Stripe. The caller commits (and then enqueues a sync).
+"""
+from __future__ import annotations
+
+from decimal import Decimal
+from uuid import uuid4
+
+from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
+
+from portal import money
+from portal.billing.invoices import ensure_open_invoice
+from portal.billing.pricing import set_item
+from portal.extensions import db
+from portal.models import Invoice, InvoiceItem, Organization, Product
+
+CREDIT_PRODUCT_CODE = "portal.credit"
+# A typo guard, not a policy: larger credits are a matter for Stripe's dashboard.
+MAX_CREDIT_CENTS = 100_000_000
+MAX_REASON_LENGTH = 300
+
+
+class CreditError(ValueError):
+    """A credit that cannot be given (amount not a positive number of cents, no reason)."""
+
+
+def credit_cents(amount_in_dollars: object) -> int:
+    """Whole cents from an amount in dollars as typed ("12.50"): positive, at most
+    two decimal places (a credit is never rounded to something support did not type)."""
+    try:
+        dollars = money.to_decimal(str(amount_in_dollars).strip().replace(",", ""), field="amount")
+    except money.MoneyError as error:
+        raise CreditError(str(error)) from None
+    if dollars <= 0:
+        raise CreditError("amount must be greater than zero")
+    if dollars != dollars.quantize(Decimal("0.01")):
+        raise CreditError("amount has more than two decimal places")
+    cents = money.round_cents(dollars.scaleb(2))
+    if cents > MAX_CREDIT_CENTS:
+        raise CreditError(f"amount is larger than {money.format_money(MAX_CREDIT_CENTS)}")
+    return cents
+
+
+def credit_product() -> Product:
+    """The `credit` product, created on first use (safe when two requests race)."""
+    insert = postgresql.insert if db.engine.dialect.name == "postgresql" else sqlite.insert
+    product = db.session.scalar(select(Product).where(Product.code == CREDIT_PRODUCT_CODE))
+    if product is None:
+        db.session.execute(
+            insert(Product)
+            .values(code=CREDIT_PRODUCT_CODE, name="Account credit", unit="credit", unit_price=Decimal(0),
+                    kind="credit", active=False)
+            .on_conflict_do_nothing(index_elements=["code"])
+        )
+        product = db.session.scalar(select(Product).where(Product.code == CREDIT_PRODUCT_CODE))
+    if product.kind != "credit":
+        raise CreditError(f"the product code {CREDIT_PRODUCT_CODE!r} is taken by a {product.kind} product")
+    return product
+
+
+def add_credit(organization: Organization, amount_in_dollars: object, reason: str) -> InvoiceItem:
+    """Put a credit of `amount_in_dollars` with `reason` on the organization's open
+    invoice (opened if it has none): a new negative line, the total lowered by it, the
+    invoice marked unsynced. Each call is a new credit; the caller commits."""
+    reason = " ".join((reason or "").split())
+    if not reason:
+        raise CreditError("a reason is required")
+    if len(reason) > MAX_REASON_LENGTH:
+        raise CreditError(f"the reason is longer than {MAX_REASON_LENGTH} characters")
+    cents = credit_cents(amount_in_dollars)
+    product = credit_product()
+    invoice: Invoice = ensure_open_invoice(organization)
+    key = f"{product.code}||credit:{uuid4().hex}"
+    set_item(invoice.id, product, key, resource="", description=f"Credit: {reason}",
+             quantity=Decimal(1), amount_cents=-cents)
+    return db.session.scalar(
+        select(InvoiceItem).where(InvoiceItem.invoice_id == invoice.id, InvoiceItem.line_key == key)
+    )

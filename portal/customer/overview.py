@@ -1,0 +1,66 @@
+"""What the customer's billing page shows, read from the portal's database in a
+fixed, small number of queries (never from Stripe)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import joinedload, selectinload
+
+from portal.extensions import db
+from portal.models import Invoice, InvoiceItem, Organization, ServiceAttachment, SyncRun
+
+
+@dataclass
+class BillingOverview:
+    organization: Organization
+    current: Invoice | None
+    last_sync: SyncRun | None
+    services: list[ServiceAttachment]
+    past: list[Invoice]
+
+
+def last_finished_sync(invoice_id: int) -> SyncRun | None:
+    """The latest finished sync of the invoice. A run still going has no outcome yet,
+    and one that found the invoice locked did nothing (the run holding the lock tells)."""
+    return db.session.scalar(
+        select(SyncRun)
+        .where(SyncRun.invoice_id == invoice_id, SyncRun.finished_at.is_not(None), SyncRun.outcome != "locked")
+        .order_by(SyncRun.started_at.desc(), SyncRun.id.desc())
+        .limit(1)
+    )
+
+
+def active_services(organization: Organization) -> list[ServiceAttachment]:
+    return list(
+        db.session.scalars(
+            select(ServiceAttachment)
+            .where(ServiceAttachment.organization_id == organization.id, ServiceAttachment.detached_at.is_(None))
+            .options(joinedload(ServiceAttachment.product))
+            .order_by(ServiceAttachment.attached_at, ServiceAttachment.id)
+        )
+    )
+
+
+def billing_overview(organization: Organization) -> BillingOverview:
+    """The open invoice with its items, its last sync, the services attached now,
+    and the earlier invoices (without their items: the page lists them only)."""
+    current = db.session.scalar(
+        select(Invoice)
+        .where(Invoice.organization_id == organization.id, Invoice.status == "open")
+        .options(selectinload(Invoice.items).joinedload(InvoiceItem.product))
+    )
+    past = list(
+        db.session.scalars(
+            select(Invoice)
+            .where(Invoice.organization_id == organization.id, Invoice.status != "open")
+            .order_by(Invoice.period_start.desc(), Invoice.id.desc())
+        )
+    )
+    return BillingOverview(
+        organization=organization,
+        current=current,
+        last_sync=last_finished_sync(current.id) if current else None,
+        services=active_services(organization),
+        past=past,
+    )

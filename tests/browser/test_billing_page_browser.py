@@ -1,0 +1,56 @@
+"""A real browser (Debian's Chromium, driven by Playwright) signs in on the portal
+served by gunicorn and reads the current invoice's total on the billing page."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from portal.billing.pricing import add_quantity
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@contextmanager
+def chromium_page():
+    """A page in Debian's Chromium. A missing browser fails the test (never a skip):
+    the suite does not download browsers, the machine must have Debian's package."""
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium); "
+                    "the browser test never downloads a browser", pytrace=False)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            context = browser.new_context()
+            context.set_default_timeout(15_000)
+            yield context.new_page()
+        finally:
+            browser.close()
+
+
+def test_member_signs_in_and_sees_the_current_invoice_total(db, make, live_server):
+    organization = make.organization(name="Initech", slug="initech")
+    cpu = make.product("machines.shared-cpu-1x", unit_price="0.0011", name="Shared CPU", unit="second")
+    invoice = make.open_invoice(organization)
+    add_quantity(invoice, cpu, "web-1", Decimal("1728000"))  # $19.01
+    add_quantity(invoice, cpu, "worker-1", Decimal("100000"))  # $1.10
+    make.user("ann@example.com", "browser-pass-1", organization=organization)
+    db.session.commit()  # end this test's transaction: gunicorn shares the database
+
+    with chromium_page() as page:
+        page.goto(f"{live_server.url}/login")
+        page.get_by_label("Email").fill("ann@example.com")
+        page.get_by_label("Password").fill("browser-pass-1")
+        page.get_by_role("button", name="Sign in").click()
+        page.wait_for_url(f"{live_server.url}/orgs/initech/billing")
+
+        assert page.get_by_role("heading", name="Initech").is_visible()
+        current = page.locator("#current-invoice")
+        assert current.locator("tfoot .total").inner_text().strip() == "$20.11"
+        assert "web-1" in current.inner_text() and "worker-1" in current.inner_text()
