@@ -111,6 +111,8 @@ def run_migrations_online():
                 if broken:
                     raise RuntimeError(f'the migration left broken foreign keys: {broken[:5]}')
         if sqlite:
+            if connection.in_transaction():
+                connection.commit()
             connection.connection.driver_connection.execute('PRAGMA foreign_keys = ON')
 
 
