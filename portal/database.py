@@ -28,9 +28,14 @@ def configure_engine(engine: Engine) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+class RetryTransaction(Exception):
+    """Raised inside a transaction whose reads went stale: roll back and run it again."""
+
+
 def retry_on_deadlock(transaction, attempts: int = 5):
     """Run `transaction` (which commits) again if the database chose it as a deadlock
-    or serialization victim; everything it did was rolled back, so it is safe to rerun."""
+    or serialization victim, or it raised RetryTransaction; everything it did was
+    rolled back, so it is safe to rerun."""
     import random
     import time
 
@@ -41,6 +46,11 @@ def retry_on_deadlock(transaction, attempts: int = 5):
     for attempt in range(attempts):
         try:
             return transaction()
+        except RetryTransaction:
+            db.session.rollback()
+            if attempt == attempts - 1:
+                raise
+            continue
         except DBAPIError as error:
             db.session.rollback()
             code = getattr(error.orig, "sqlstate", None) or getattr(error.orig, "pgcode", None)

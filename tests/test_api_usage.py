@@ -217,3 +217,20 @@ def test_usage_for_an_organization_without_an_invoice_opens_one(client, db, make
     make.product("egress.gb", unit_price="200")
     assert post_usage(client, [event("e1", "fresh", "egress.gb", "1")]).status_code == 200
     assert current(client, "fresh")["total"] == 200
+
+
+def test_quantities_are_never_added_to_an_invoice_that_left_open(db, acme):
+    # Ingestion places events on the open invoice before it locks it; if a close
+    # claimed the invoice in between, the write is refused and the batch placed again.
+    from portal.billing.pricing import InvoiceNoLongerOpen, ItemDelta, add_quantities
+    from portal.models import Product
+
+    invoice = db.session.scalar(select(Invoice).where(Invoice.status == "open"))
+    egress = db.session.scalar(select(Product).where(Product.code == "egress.gb"))
+    invoice.status = "closing"
+    db.session.commit()
+    with pytest.raises(InvoiceNoLongerOpen):
+        add_quantities([ItemDelta(invoice.id, egress, "", Decimal(1))])
+    db.session.rollback()
+    assert db.session.get(Invoice, invoice.id).total_cents == 0
+    assert count(db, InvoiceItem) == 0

@@ -228,3 +228,20 @@ def test_api_shows_closed_invoices_newest_first(db, client, stripe_emulator, due
     listed = client.get("/api/v1/organizations/acme/invoices", headers=HEADERS).get_json()["invoices"]
     assert [i["status"] for i in listed] == ["open", "paid"]
     assert listed[1]["number"] and listed[1]["hosted_invoice_url"]
+
+
+def test_changes_that_missed_a_stripe_finalization_move_to_the_next_invoice(db, stripe_emulator, due):
+    invoice = db.session.get(Invoice, due)
+    add_quantity(invoice, invoice.items[0].product, "", Decimal("3"))  # 600 cents, never synced
+    db.session.commit()
+    portal_total = db.session.get(Invoice, due, populate_existing=True).total_cents
+    stripe_client(stripe_emulator).v1.invoices.finalize_invoice(invoice.stripe_invoice_id)  # Stripe, on its own
+    handle(db, stripe_events(stripe_emulator, "invoice.finalized")[0])
+    closed, current = invoices_of(db, invoice.organization_id)
+    stripe_total = stripe_client(stripe_emulator).v1.invoices.retrieve(closed.stripe_invoice_id).total
+    assert closed.status == "finalized" and closed.total_cents == stripe_total == portal_total - 600
+    assert closed.total_cents == sum(item.amount_cents for item in closed.items)
+    assert current.total_cents == 600 and "not on invoice" in current.items[0].description
+    handle(db, {**stripe_events(stripe_emulator, "invoice.finalized")[0], "id": "evt_again"})
+    _, current = invoices_of(db, invoice.organization_id)
+    assert current.total_cents == 600  # carried once

@@ -187,14 +187,15 @@ _PG_UPDATE_ITEMS_AND_INVOICES = text(
     ") "
     "UPDATE invoices SET total_cents = invoices.total_cents + d.delta, change_seq = invoices.change_seq + 1 "
     "FROM locked JOIN unnest(CAST(:ids AS bigint[]), CAST(:deltas AS bigint[])) AS d(id, delta)"
-    " ON d.id = locked.id WHERE invoices.id = locked.id"
+    " ON d.id = locked.id WHERE invoices.id = locked.id RETURNING invoices.id, invoices.status"
 )
 
 
-def update_items_and_invoices(changes: list[dict], amount_deltas: dict[int, int]) -> None:
+def update_items_and_invoices(changes: list[dict], amount_deltas: dict[int, int]) -> dict[int, str]:
     """Write the new quantity, amount_cents, version and updated_at of items (by id;
     the caller holds their locks), add each amount delta to its invoice's total and
-    mark the invoice changed (change_seq + 1), atomically in the database."""
+    mark the invoice changed (change_seq + 1), atomically in the database. Returns
+    each invoice's status as of its lock (a close may have claimed it meanwhile)."""
     ids = sorted(amount_deltas)
     if _postgresql():
         now = changes[0]["updated_at"] if changes else None
@@ -203,11 +204,11 @@ def update_items_and_invoices(changes: list[dict], amount_deltas: dict[int, int]
               "version": c["version"]} for c in changes],
             separators=(",", ":"),
         )
-        db.session.execute(_PG_UPDATE_ITEMS_AND_INVOICES, {
-            "items": items, "now": now, "ids": ids, "deltas": [amount_deltas[i] for i in ids]})
-        return
+        return dict(db.session.execute(_PG_UPDATE_ITEMS_AND_INVOICES, {
+            "items": items, "now": now, "ids": ids, "deltas": [amount_deltas[i] for i in ids]}).all())
     update_items(changes)
     move_invoices(amount_deltas)
+    return dict(db.session.execute(select(Invoice.id, Invoice.status).where(Invoice.id.in_(ids))).all())
 
 
 _PG_UPDATE_ITEMS = text(

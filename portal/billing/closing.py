@@ -17,6 +17,7 @@ the state, and the partial unique index allows one open invoice per organization
 from __future__ import annotations
 
 from datetime import datetime
+from decimal import Decimal
 
 from sqlalchemy import select, update
 
@@ -164,7 +165,7 @@ def apply_stripe_invoice(invoice_id: int, stripe_invoice) -> str:
     if target is None or not may_move(invoice.status, target):
         db.session.commit()
         return invoice.status
-    was_open = invoice.status == "open"
+    was_draft = invoice.status in ("open", "closing")
     invoice.status = target
     invoice.sync_blocked = None
     invoice.number = stripe_invoice.number or invoice.number
@@ -173,12 +174,37 @@ def apply_stripe_invoice(invoice_id: int, stripe_invoice) -> str:
     invoice.finalized_at = invoice.finalized_at or _stamp(stripe_invoice, "finalized_at") or utcnow()
     if target == "paid":
         invoice.paid_at = invoice.paid_at or _stamp(stripe_invoice, "paid_at") or utcnow()
-    if was_open:
+    if was_draft:
         # Finalized behind the portal's back (dashboard, automatically_finalizes_at):
-        # the cycle rolls over here.
-        open_next_invoice(invoice)
+        # the cycle rolls over here, and what did not reach Stripe moves on.
+        _carry_over(invoice, stripe_invoice, open_next_invoice(invoice))
     db.session.commit()
     return target
+
+
+CARRY_OVER_CODE = "portal.carry-over"
+
+
+def _carry_over(invoice: Invoice, stripe_invoice, successor: Invoice) -> None:
+    """If Stripe finalized the invoice before the portal's last changes reached it,
+    its total differs from the portal's: move the difference to the next invoice, as
+    a line labelled with the period it belongs to, and take it off this one, so this
+    invoice says what Stripe billed and nothing is lost or billed twice."""
+    difference = invoice.total_cents - stripe_invoice.total
+    if not difference:
+        return
+    from portal.billing.credits import own_product
+    from portal.billing.pricing import set_item
+
+    product = own_product(CARRY_OVER_CODE, "Carried over", "period")
+    number = stripe_invoice.number or stripe_invoice.id
+    period = f"{invoice.period_start:%Y-%m-%d} to {invoice.period_end:%Y-%m-%d}"
+    set_item(invoice.id, product, f"{CARRY_OVER_CODE}||to:{successor.id}", resource="",
+             description=f"Changes after Stripe finalized {number}, moved to the next invoice",
+             quantity=Decimal(1), amount_cents=-difference)
+    set_item(successor.id, product, f"{CARRY_OVER_CODE}||from:{invoice.id}", resource="",
+             description=f"Usage of {period} not on invoice {number}", quantity=Decimal(1), amount_cents=difference)
+    db.session.refresh(invoice)
 
 
 def _stamp(stripe_invoice, field: str) -> datetime | None:

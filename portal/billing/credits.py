@@ -47,21 +47,26 @@ def credit_cents(amount_in_dollars: object) -> int:
     return cents
 
 
-def credit_product() -> Product:
-    """The `credit` product, created on first use (safe when two requests race)."""
+def own_product(code: str, name: str, unit: str) -> Product:
+    """One of the portal's own `credit`-kind products (never sold), created on first use
+    (safe when two requests race)."""
     insert = postgresql.insert if db.engine.dialect.name == "postgresql" else sqlite.insert
-    product = db.session.scalar(select(Product).where(Product.code == CREDIT_PRODUCT_CODE))
+    product = db.session.scalar(select(Product).where(Product.code == code))
     if product is None:
         db.session.execute(
             insert(Product)
-            .values(code=CREDIT_PRODUCT_CODE, name="Account credit", unit="credit", unit_price=Decimal(0),
-                    kind="credit", active=False)
+            .values(code=code, name=name, unit=unit, unit_price=Decimal(0), kind="credit", active=False)
             .on_conflict_do_nothing(index_elements=["code"])
         )
-        product = db.session.scalar(select(Product).where(Product.code == CREDIT_PRODUCT_CODE))
+        product = db.session.scalar(select(Product).where(Product.code == code))
     if product.kind != "credit":
-        raise CreditError(f"the product code {CREDIT_PRODUCT_CODE!r} is taken by a {product.kind} product")
+        raise CreditError(f"the product code {code!r} is taken by a {product.kind} product")
     return product
+
+
+def credit_product() -> Product:
+    """The product support's credits are billed under."""
+    return own_product(CREDIT_PRODUCT_CODE, "Account credit", "credit")
 
 
 def add_credit(organization: Organization, amount_in_dollars: object, reason: str) -> InvoiceItem:

@@ -19,6 +19,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from portal import money
 from portal.billing import bulk
+from portal.database import RetryTransaction
 from portal.extensions import db
 from portal.models import Invoice, InvoiceItem, Product
 from portal.models.types import utcnow
@@ -53,6 +54,10 @@ def mark_changed(invoice_id: int, amount_delta: int = 0) -> None:
         )
         .execution_options(synchronize_session=False)
     )
+
+
+class InvoiceNoLongerOpen(RetryTransaction):
+    """An invoice left `open` between placing quantities on it and locking it."""
 
 
 @dataclass(frozen=True)
@@ -127,7 +132,12 @@ def add_quantities(deltas: list[ItemDelta], existing: Collection[tuple[int, str]
         amount_deltas[row.invoice_id] += amount - row.amount_cents
         changes.append({"id": row.id, "quantity": quantity, "amount_cents": amount,
                         "version": row.version + 1, "updated_at": now})
-    bulk.update_items_and_invoices(changes, amount_deltas)
+    statuses = bulk.update_items_and_invoices(changes, amount_deltas)
+    closed = sorted(invoice_id for invoice_id, status in statuses.items() if status != "open")
+    if closed:
+        # Placed while open, claimed for closing (or finalized) before this
+        # transaction locked it: the batch must be placed again.
+        raise InvoiceNoLongerOpen(closed)
     return set(amount_deltas)
 
 
