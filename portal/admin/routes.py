@@ -79,28 +79,24 @@ def discrepancies():
 @bp.post("/invoices/<int:invoice_id>/sync")
 @support_required
 def sync_now(invoice_id: int):
-    invoice = _invoice_or_404(invoice_id)
-    try:
-        result = actions.sync_now(invoice, current_user)
-    except actions.ActionRefused as refused:
-        db.session.rollback()
-        flash(str(refused), "error")
-    else:
-        _report(result, f"Sync of invoice #{invoice_id} requested")
-    return _back_to(invoice)
+    return _invoice_action(invoice_id, actions.sync_now, f"Sync of invoice #{invoice_id} requested")
 
 
 @bp.post("/invoices/<int:invoice_id>/close")
 @support_required
 def close_cycle_now(invoice_id: int):
+    return _invoice_action(invoice_id, actions.close_cycle_now, f"Close of invoice #{invoice_id}'s cycle requested")
+
+
+def _invoice_action(invoice_id: int, action, done: str):
     invoice = _invoice_or_404(invoice_id)
     try:
-        result = actions.close_cycle_now(invoice, current_user)
+        result = action(invoice, current_user)
     except actions.ActionRefused as refused:
         db.session.rollback()
         flash(str(refused), "error")
     else:
-        _report(result, f"Close of invoice #{invoice_id}'s cycle requested")
+        _report(result, done)
     return _back_to(invoice)
 
 
