@@ -1065,17 +1065,23 @@ class Store:
                 self.emit("invoiceitem.updated", after, O.diff(prev_item, after))
         return self._bulk_finish(inv, p, before)
 
-    def update_lines(self, iid: str, p: dict) -> dict:
-        """POST /v1/invoices/{id}/update_lines: all lines or none."""
-        inv = self._bulk_prelude(iid, p)
-        plans = []
+    def _named_lines(self, inv: dict, lines: list[dict]):
+        """(param prefix, item, line) for each line named by its il_ id; a line named
+        twice is refused."""
         seen: set[str] = set()
-        for i, line in enumerate(p["lines"]):
+        for i, line in enumerate(lines):
             prefix = f"lines[{i}]"
             it = self._line(inv, line["id"], f"{prefix}[id]")
             if line["id"] in seen:
                 raise StripeError(f"Line {line['id']} is listed more than once.", param=f"{prefix}[id]")
             seen.add(line["id"])
+            yield prefix, it, line
+
+    def update_lines(self, iid: str, p: dict) -> dict:
+        """POST /v1/invoices/{id}/update_lines: all lines or none."""
+        inv = self._bulk_prelude(iid, p)
+        plans = []
+        for prefix, it, line in self._named_lines(inv, p["lines"]):
             fields = {k: v for k, v in line.items() if k != "id"}
             plans.append((it, self._item_changes(fields, it, inv["currency"], prefix)))
         before = self._snap(inv)
@@ -1089,15 +1095,7 @@ class Store:
     def remove_lines(self, iid: str, p: dict) -> dict:
         """POST /v1/invoices/{id}/remove_lines (behavior delete | unassign): all or none."""
         inv = self._bulk_prelude(iid, p)
-        plans = []
-        seen: set[str] = set()
-        for i, line in enumerate(p["lines"]):
-            prefix = f"lines[{i}]"
-            it = self._line(inv, line["id"], f"{prefix}[id]")
-            if line["id"] in seen:
-                raise StripeError(f"Line {line['id']} is listed more than once.", param=f"{prefix}[id]")
-            seen.add(line["id"])
-            plans.append((it, line["behavior"]))
+        plans = [(it, line["behavior"]) for _, it, line in self._named_lines(inv, p["lines"])]
         before = self._snap(inv)
         for it, behavior in plans:
             prev_item = O.render_item(it)
