@@ -45,7 +45,16 @@ class Config:
     PORTAL_API_TOKENS = _list("PORTAL_API_TOKENS")
     SYNC_INTERVAL_SECONDS = _int("SYNC_INTERVAL_SECONDS", 60)
     CLOSE_INTERVAL_SECONDS = _int("CLOSE_INTERVAL_SECONDS", 300)
-    STRIPE_MAX_WRITES_PER_SECOND = _int("STRIPE_MAX_WRITES_PER_SECOND", 20)
+    # Stripe counts reads and writes together: about 25 a second in test mode, 100 in
+    # live mode. STRIPE_MAX_WRITES_PER_SECOND is the older name of the same budget.
+    STRIPE_MAX_REQUESTS_PER_SECOND = _int("STRIPE_MAX_REQUESTS_PER_SECOND",
+                                          _int("STRIPE_MAX_WRITES_PER_SECOND", 20))
+    # The customer-portal configuration to open sessions with (`bpc_...`); unset: the
+    # account's default configuration (saved once in Stripe's Dashboard).
+    STRIPE_PORTAL_CONFIGURATION = os.environ.get("STRIPE_PORTAL_CONFIGURATION") or None
+    # Test keys only (refused with a live key): a Stripe test payment method such as
+    # `pm_card_visa` given to each new Stripe customer, so the demo's invoices get paid.
+    STRIPE_TEST_PAYMENT_METHOD = os.environ.get("STRIPE_TEST_PAYMENT_METHOD") or None
     # A full usage batch (5,000 events) is about 1 MB of JSON.
     MAX_CONTENT_LENGTH = 8 * 1024 * 1024
     SESSION_COOKIE_HTTPONLY = True
@@ -60,5 +69,6 @@ class TestConfig(Config):
     REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
     PORTAL_API_TOKENS = ["test-token"]
     WTF_CSRF_ENABLED = False
-    # Tests that are about the write budget set their own.
-    STRIPE_MAX_WRITES_PER_SECOND = 1000
+    # Tests that are about the request budget set their own.
+    STRIPE_MAX_REQUESTS_PER_SECOND = 1000
+    STRIPE_TEST_PAYMENT_METHOD = None

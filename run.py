@@ -212,12 +212,17 @@ def serve() -> int:
             emulator = children.start(
                 "stripe-emulator",
                 [str(PYTHON), "-m", "stripe_emulator", "--port", str(stripe_port), "--api-key", "sk_test_emulator",
-                 "--webhook-url", f"http://127.0.0.1:{port}/webhooks/stripe", "--webhook-secret", webhook_secret],
+                 "--webhook-url", f"http://127.0.0.1:{port}/webhooks/stripe", "--webhook-secret", webhook_secret,
+                 # As an account whose customer-portal settings were saved once, and
+                 # which collects a minute after finalizing (Stripe: about an hour).
+                 "--portal-default-configuration", "--payment-delay", "60"],
                 env,
             )
             wait_for_port(stripe_port, 15, emulator)
+            # The demo's customers get Stripe's test Visa card, so their invoices are paid.
             env.update(STRIPE_API_KEY="sk_test_emulator", STRIPE_API_BASE=f"http://127.0.0.1:{stripe_port}",
-                       STRIPE_WEBHOOK_SECRET=webhook_secret)
+                       STRIPE_WEBHOOK_SECRET=webhook_secret,
+                       STRIPE_TEST_PAYMENT_METHOD=env.get("STRIPE_TEST_PAYMENT_METHOD", "pm_card_visa"))
         flask = [str(BIN / "flask"), "--app", "wsgi"]
         subprocess.run([*flask, "db", "upgrade"], env=env, cwd=ROOT, check=True)
         subprocess.run([*flask, "seed-demo"], env=env, cwd=ROOT, check=True)

@@ -18,6 +18,7 @@ def register_commands(app: Flask) -> None:
     app.cli.add_command(schedule)
     app.cli.add_command(close_cycle)
     app.cli.add_command(catalog)
+    app.cli.add_command(stripe_portal_configuration)
 
 
 @click.group("catalog")
@@ -87,6 +88,29 @@ def catalog_set(code: str, name: str | None, unit: str | None, price: str | None
                                        "unit_price": str(product.unit_price), "active": product.active}))
     db.session.commit()
     click.echo(f"{action.split('.')[1]}d {code}")
+
+
+@click.command("stripe-portal-configuration")
+@click.option("--return-url", required=True, help="Where Stripe's portal links back to, e.g. https://billing.example/billing.")
+def stripe_portal_configuration(return_url: str) -> None:
+    """Create a Stripe customer-portal configuration (update payment methods, see
+    invoices) and print its id, for STRIPE_PORTAL_CONFIGURATION. Stripe refuses
+    portal sessions until the account has a default one (saved in the Dashboard)
+    or the session names one."""
+    from portal.stripe_gateway import StripeFailure, gateway
+
+    params = {
+        "business_profile": {"headline": "Manage how you pay your invoices"},
+        "default_return_url": return_url,
+        "features": {"payment_method_update": {"enabled": True}, "invoice_history": {"enabled": True},
+                     "customer_update": {"enabled": True, "allowed_updates": ["email", "address"]}},
+        "metadata": {"created_by": "portal"},
+    }
+    try:
+        configuration = gateway().create_portal_configuration(params, key=None)
+    except StripeFailure as failure:
+        raise click.ClickException(f"Stripe refused: {failure}") from failure
+    click.echo(configuration.id)
 
 
 @click.command("close-cycle")

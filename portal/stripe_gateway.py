@@ -1,9 +1,10 @@
 """The one door to Stripe: every call the portal makes to Stripe goes through here.
 
 `StripeGateway` wraps the official `stripe` client (pointed at `STRIPE_API_BASE` when
-set, e.g. the project's emulator), counts reads and writes, spends writes from a
-budget shared by every worker through Redis, retries what is safe to retry, and
-maps Stripe's errors to the portal's own:
+set, e.g. the project's emulator), counts reads and writes, spends every request
+(reads and writes alike: Stripe's rate limit counts both, about 25 per second in test
+mode and 100 in live mode) from a budget shared by every process through Redis,
+retries what is safe to retry, and maps Stripe's errors to the portal's own:
 
 - network errors, 5xx before any change, 429 `rate_limit` and `lock_timeout`, and
   anything with `Stripe-Should-Retry: true` are retried with exponential backoff and
@@ -83,12 +84,13 @@ return next_free - now
 BUDGET_SAFETY = 0.96
 
 
-class WriteBudget:
-    """Stripe writes per second shared by all workers (`STRIPE_MAX_WRITES_PER_SECOND`)."""
+class RequestBudget:
+    """Stripe requests per second, reads and writes together, shared by every process
+    (`STRIPE_MAX_REQUESTS_PER_SECOND`)."""
 
-    def __init__(self, redis, writes_per_second: int, key: str = "portal:stripe:write-budget"):
+    def __init__(self, redis, requests_per_second: int, key: str = "portal:stripe:request-budget"):
         self.redis = redis
-        self.interval_us = int(1_000_000 / (max(writes_per_second, 1) * BUDGET_SAFETY))
+        self.interval_us = int(1_000_000 / (max(requests_per_second, 1) * BUDGET_SAFETY))
         self.key = key
         self._script = redis.register_script(_RESERVE_SLOT)
 
@@ -107,7 +109,7 @@ class CallCounts:
 
 
 class StripeGateway:
-    def __init__(self, api_key: str, api_base: str | None, budget: WriteBudget | None,
+    def __init__(self, api_key: str, api_base: str | None, budget: RequestBudget | None,
                  max_attempts: int = MAX_ATTEMPTS, sleep=time.sleep):
         if not api_key:
             raise StripeNotConfigured("STRIPE_API_KEY is not set")
@@ -132,8 +134,15 @@ class StripeGateway:
     def create_invoice(self, params: dict, key: str):
         return self._write(lambda options: self.client.v1.invoices.create(params=params, options=options), key)
 
-    def retrieve_invoice(self, invoice_id: str):
-        return self._read(lambda: self.client.v1.invoices.retrieve(invoice_id))
+    def retrieve_invoice(self, invoice_id: str, expand: list[str] | None = None):
+        params = {"expand": expand} if expand else None
+        return self._read(lambda: self.client.v1.invoices.retrieve(invoice_id, params=params))
+
+    def retrieve_customer(self, customer_id: str, expand: bool = True):
+        """The customer, with its default payment method expanded (a deleted customer
+        reads as a stub with `deleted: true`, which Stripe will not expand)."""
+        params = {"expand": ["invoice_settings.default_payment_method"]} if expand else None
+        return self._read(lambda: self.client.v1.customers.retrieve(customer_id, params=params))
 
     def draft_invoices_of(self, customer_id: str) -> Iterator[Any]:
         yield from self._paginate(
@@ -165,9 +174,16 @@ class StripeGateway:
         return self._write(lambda options: self.client.v1.invoices.update(
             invoice_id, params=params, options=options), key)
 
-    def create_portal_session(self, customer_id: str, return_url: str):
+    def create_portal_session(self, customer_id: str, return_url: str, configuration: str | None = None):
+        params = {"customer": customer_id, "return_url": return_url}
+        if configuration:
+            params["configuration"] = configuration
         return self._write(lambda options: self.client.v1.billing_portal.sessions.create(
-            params={"customer": customer_id, "return_url": return_url}, options=options), None)
+            params=params, options=options), None)
+
+    def create_portal_configuration(self, params: dict, key: str):
+        return self._write(lambda options: self.client.v1.billing_portal.configurations.create(
+            params=params, options=options), key)
 
     # --- plumbing --------------------------------------------------------------------
 
@@ -189,7 +205,7 @@ class StripeGateway:
 
     def _call(self, call, write: bool):
         for attempt in range(1, self.max_attempts + 1):
-            if write and self.budget is not None:
+            if self.budget is not None:
                 self.budget.acquire()
             if write:
                 self.counts.writes += 1
@@ -258,7 +274,7 @@ def _backoff(attempt: int) -> float:
 def gateway() -> StripeGateway:
     """A gateway for the current app, with the shared write budget and fresh counts."""
     config = current_app.config
-    budget = WriteBudget(redis_connection(), config["STRIPE_MAX_WRITES_PER_SECOND"])
+    budget = RequestBudget(redis_connection(), config["STRIPE_MAX_REQUESTS_PER_SECOND"])
     return StripeGateway(config.get("STRIPE_API_KEY"), config.get("STRIPE_API_BASE"), budget)
 
 

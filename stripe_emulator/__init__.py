@@ -7,10 +7,13 @@ url})`` or ``stripe.api_base = url``). Drive its clock, faults, webhooks and sta
 through the control API under ``/_emulator/`` (client: :mod:`stripe_emulator.control`).
 
 Modules: ``server`` (HTTP, routing, request pipeline), ``params`` (form decoding and
-validation from ``stripe.params``), ``store`` (objects and Stripe's rules),
-``objects`` (JSON shapes), ``idempotency``, ``faults``, ``webhooks``, ``clock``,
-``pages`` (hosted invoice page, PDF, billing portal page), ``process`` (launcher),
-``control`` (control-API client).
+validation from ``stripe.params``), ``store`` (customers, invoices, items, lines,
+events, the clock-driven scheduler), ``payment_methods`` (test cards, attaching),
+``payments`` (finalization, balance, minimum charge, payment attempts and retries),
+``portal`` (customer-portal configurations and sessions), ``objects`` (JSON shapes),
+``idempotency``, ``faults``, ``ratelimit`` (Stripe's combined rate limit),
+``webhooks``, ``clock``, ``pages`` (hosted invoice page, PDF, billing portal page),
+``process`` (launcher), ``control`` (control-API client).
 
 This package never imports the portal.
 """

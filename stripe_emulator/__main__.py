@@ -4,8 +4,13 @@ Options: ``--host`` (default 127.0.0.1), ``--port`` (0 picks a free port),
 ``--api-key`` (repeatable; default ``sk_test_emulator`` or the comma-separated
 ``STRIPE_EMULATOR_API_KEY``), ``--webhook-url`` and ``--webhook-secret``,
 ``--max-bulk-lines`` (default 50), ``--public-url`` (base of the hosted invoice /
-billing-portal URLs; default ``http://HOST:PORT``), ``--parent-pid`` (exit when
-that process is no longer the parent: set by :func:`~stripe_emulator.process.start_emulator`).
+billing-portal URLs; default ``http://HOST:PORT``), ``--payment-delay SECONDS``
+(finalization to first automatic payment attempt; default 3600),
+``--portal-default-configuration`` (the account has a default customer-portal
+configuration, as after saving the portal settings in the Dashboard),
+``--rate-limit N`` (requests per second, reads and writes together; default off),
+``--parent-pid`` (exit when that process is no longer the parent: set by
+:func:`~stripe_emulator.process.start_emulator`).
 
 Prints one line ``stripe-emulator ready url=http://HOST:PORT pid=PID`` on stdout when
 it accepts connections, then serves until SIGTERM or SIGINT and exits 0.
@@ -34,6 +39,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--webhook-secret")
     ap.add_argument("--max-bulk-lines", type=int, default=50)
     ap.add_argument("--public-url")
+    ap.add_argument(
+        "--payment-delay", type=float, default=3600, metavar="SECONDS", help="finalization to first payment attempt"
+    )
+    ap.add_argument(
+        "--portal-default-configuration",
+        action="store_true",
+        help="the account has a default customer-portal configuration (as saved in the Dashboard)",
+    )
+    ap.add_argument("--rate-limit", type=float, metavar="N", help="requests per second, reads and writes together")
     ap.add_argument("--parent-pid", type=int, help="exit when this process is no longer our parent")
     args = ap.parse_args(argv)
     if not args.api_keys:
@@ -41,6 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.api_keys = [k.strip() for k in env.split(",") if k.strip()] if env else [DEFAULT_API_KEY]
     if args.webhook_url and not args.webhook_secret:
         ap.error("--webhook-url needs --webhook-secret")
+    if args.payment_delay < 0:
+        ap.error("--payment-delay must be >= 0")
+    if args.rate_limit is not None and args.rate_limit < 0:
+        ap.error("--rate-limit must be >= 0")
     return args
 
 
@@ -58,6 +76,9 @@ def main(argv=None) -> int:
         webhook_secret=args.webhook_secret,
         max_bulk_lines=args.max_bulk_lines,
         base_url=args.public_url,
+        payment_delay=args.payment_delay,
+        portal_default_configuration=args.portal_default_configuration,
+        rate_limit=args.rate_limit or None,
     )
     stop = threading.Event()
 

@@ -5,10 +5,13 @@ Endpoints (JSON in and out; POST bodies may also be form-encoded):
 =====================================  ==================================================
 ``POST /_emulator/reset``              forget every object, event, idempotency key,
                                        fault, logged request and webhook attempt; clock
-                                       back to wall time (webhook URL/secret kept)
+                                       back to wall time (webhook URL/secret kept);
+                                       config back to the start-time settings
 ``GET  /_emulator/clock``              ``{"now", "offset"}``
-``POST /_emulator/clock``              ``{"advance_seconds": N}``: advance, finalize due
-                                       drafts, expire idempotency keys
+``POST /_emulator/clock``              ``{"advance_seconds": N}``: advance, run the
+                                       finalizations and payment attempts that came
+                                       due (each at its own time), expire idempotency
+                                       keys
 ``GET|POST /_emulator/faults``         fault configuration (see ``faults`` module); ``{}``
                                        clears
 ``GET  /_emulator/requests``           request log (``?since=N&path=/v1/..&method=POST``)
@@ -16,7 +19,11 @@ Endpoints (JSON in and out; POST bodies may also be form-encoded):
 ``GET  /_emulator/stats``              request count, process CPU time, object counts
 ``GET|POST /_emulator/webhooks``       delivery options, queue length and attempts
 ``GET|POST /_emulator/payment_failures`` ``{"customer": id, "fail": true|false}``
-``GET|POST /_emulator/config``         ``{"max_bulk_lines": N}``
+``GET|POST /_emulator/config``         ``{"max_bulk_lines": N, "payment_delay_seconds": N,
+                                       "payment_retry_days": [3, 5, 7],
+                                       "portal_default_configuration": bool,
+                                       "rate_limit_per_second": N | 0 | null}`` (any
+                                       subset; unknown keys are refused)
 =====================================  ==================================================
 """
 
@@ -54,7 +61,8 @@ class EmulatorControl:
         return self._call("GET", "clock")["now"]
 
     def advance_clock(self, seconds: float) -> dict:
-        """Advance emulated time; returns ``{"now", "offset", "finalized", "expired_idempotency_keys"}``."""
+        """Advance emulated time and run what came due; returns ``{"now", "offset",
+        "finalized", "payment_attempts", "expired_idempotency_keys"}``."""
         return self._call("POST", "clock", {"advance_seconds": seconds})
 
     def set_faults(self, **spec) -> dict:
@@ -86,7 +94,9 @@ class EmulatorControl:
         return self._call("GET", "stats")
 
     def fail_payments_for(self, customer_id: str, fail: bool = True) -> dict:
-        """Make (or stop making) payments of ``customer_id``'s invoices fail with a card error."""
+        """Make (or stop making) every charge of ``customer_id``'s invoices fail with a card
+        error, whatever its payment method (without this, a customer without a
+        payment method, or with a declining card, fails anyway)."""
         return self._call("POST", "payment_failures", {"customer": customer_id, "fail": fail})
 
     def configure_webhooks(self, **opts) -> dict:
@@ -118,3 +128,33 @@ class EmulatorControl:
     def set_max_bulk_lines(self, n: int) -> dict:
         """Change the per-call line limit of add_lines/update_lines/remove_lines."""
         return self._call("POST", "config", {"max_bulk_lines": n})
+
+    def config(self) -> dict:
+        """The current settings (``max_bulk_lines``, ``payment_delay_seconds``,
+        ``payment_retry_days``, ``portal_default_configuration`` and its id,
+        ``rate_limit_per_second``, ``api_version``)."""
+        return self._call("GET", "config")
+
+    def configure(self, **settings) -> dict:
+        """Change any subset of the settings (see :meth:`config`)."""
+        return self._call("POST", "config", settings)
+
+    def set_payment_delay(self, seconds: float) -> dict:
+        """Seconds between finalization and the first automatic payment attempt
+        (``next_payment_attempt``); 0 attempts at once. Default 3600."""
+        return self.configure(payment_delay_seconds=seconds)
+
+    def set_payment_retry_days(self, days: list[float]) -> dict:
+        """Days after each failed automatic attempt to retry; one retry per entry.
+        Default ``[3, 5, 7]`` (4 attempts in all)."""
+        return self.configure(payment_retry_days=list(days))
+
+    def set_portal_default_configuration(self, enabled: bool = True) -> dict:
+        """Emulate saving the customer-portal settings in the Dashboard: the account
+        gets (or loses) a default configuration, ``is_default: true``."""
+        return self.configure(portal_default_configuration=enabled)
+
+    def set_rate_limit(self, per_second: float | None) -> dict:
+        """Stripe's combined rate limit: requests per second, reads and writes
+        together, over a sliding one-second window; ``None``/0 turns it off."""
+        return self.configure(rate_limit_per_second=per_second)

@@ -38,7 +38,7 @@ def render_customer(c: dict) -> dict:
         "created": c["created"],
         "currency": c["currency"],
         "customer_account": None,
-        "default_source": None,
+        "default_source": c.get("default_source"),
         "delinquent": c["delinquent"],
         "description": c["description"],
         "discount": None,
@@ -46,7 +46,7 @@ def render_customer(c: dict) -> dict:
         "invoice_prefix": c["invoice_prefix"],
         "invoice_settings": {
             "custom_fields": _copy(c["invoice_settings"].get("custom_fields")),
-            "default_payment_method": None,
+            "default_payment_method": c["invoice_settings"].get("default_payment_method"),
             "footer": c["invoice_settings"].get("footer"),
             "rendering_options": _copy(c["invoice_settings"].get("rendering_options")),
         },
@@ -138,13 +138,17 @@ def render_list(data: list, url: str, has_more: bool) -> dict:
     return {"object": "list", "data": data, "has_more": has_more, "url": url}
 
 
-def invoice_totals(inv: dict, items: list[dict]) -> dict:
-    """subtotal/total/amount_due/... of an invoice from its items and balance."""
+def invoice_totals(inv: dict, items: list[dict], starting_balance: int | None = None) -> dict:
+    """subtotal/total/amount_due/... of an invoice from its items and balance.
+
+    ``starting_balance`` overrides the invoice's own (a draft shows the customer's
+    current balance). An amount below the minimum charge that finalization moved to
+    the customer's balance (``deferred_to_balance``) is no longer due on the invoice."""
     subtotal = 0
     for it in items:
         subtotal += it["amount"]
-    net = subtotal + inv["starting_balance"]
-    amount_due = max(0, net)
+    sb = inv["starting_balance"] if starting_balance is None else starting_balance
+    amount_due = max(0, subtotal + sb) - inv.get("deferred_to_balance", 0)
     amount_remaining = 0 if inv["status"] in ("paid", "void") else max(0, amount_due - inv["amount_paid"])
     return {
         "subtotal": subtotal,
@@ -165,9 +169,12 @@ def render_invoice(inv: dict, customer: dict | None, items: list[dict], with_lin
     if inv.get("deleted"):
         return {"id": inv["id"], "object": "invoice", "deleted": True}
     snap = inv["customer_snapshot"] or customer_snapshot(customer)
-    totals = invoice_totals(inv, items)
-    lines = [render_line(it) for it in items[:INVOICE_EMBEDDED_LINES]] if with_lines else []
     draft = inv["status"] == "draft"
+    # A draft shows the customer's balance as it is now; finalization freezes it.
+    live_balance = customer is not None and not customer.get("deleted")
+    starting_balance = customer["balance"] if draft and live_balance else inv["starting_balance"]
+    totals = invoice_totals(inv, items, starting_balance)
+    lines = [render_line(it) for it in items[:INVOICE_EMBEDDED_LINES]] if with_lines else []
     return {
         "id": inv["id"],
         "object": "invoice",
@@ -203,20 +210,22 @@ def render_invoice(inv: dict, customer: dict | None, items: list[dict], with_lin
         "customer_shipping": _copy(snap["shipping"]),
         "customer_tax_exempt": snap["tax_exempt"],
         "customer_tax_ids": [],
-        "default_payment_method": None,
+        "default_payment_method": inv.get("default_payment_method"),
         "default_source": None,
         "default_tax_rates": [],
         "description": inv["description"],
         "discounts": [],
         "due_date": inv["due_date"],
         "effective_at": inv["effective_at"],
-        "ending_balance": None if draft else min(0, totals["total"] + inv["starting_balance"]),
+        "ending_balance": None
+        if draft
+        else min(0, totals["total"] + starting_balance) + inv.get("deferred_to_balance", 0),
         "footer": inv["footer"],
         "from_invoice": None,
         "hosted_invoice_url": inv["hosted_invoice_url"],
         "invoice_pdf": inv["invoice_pdf"],
         "issuer": {"type": "self"},
-        "last_finalization_error": None,
+        "last_finalization_error": _copy(inv.get("last_finalization_error")),
         "latest_revision": None,
         "lines": render_list(lines, f"/v1/invoices/{inv['id']}/lines", len(items) > INVOICE_EMBEDDED_LINES),
         "livemode": False,
@@ -243,7 +252,7 @@ def render_invoice(inv: dict, customer: dict | None, items: list[dict], with_lin
         },
         "shipping_cost": None,
         "shipping_details": None,
-        "starting_balance": inv["starting_balance"],
+        "starting_balance": starting_balance,
         "statement_descriptor": inv["statement_descriptor"],
         "status": inv["status"],
         "status_transitions": dict(inv["status_transitions"]),
@@ -270,12 +279,102 @@ def customer_snapshot(c: dict | None) -> dict:
     }
 
 
+_NO_ADDRESS = {"city": None, "country": None, "line1": None, "line2": None, "postal_code": None, "state": None}
+
+
+def render_payment_method(pm: dict) -> dict:
+    """A ``payment_method`` object (type ``card``)."""
+    card = pm["card"]
+    return {
+        "id": pm["id"],
+        "object": "payment_method",
+        "allow_redisplay": "unspecified",
+        "billing_details": {"address": dict(_NO_ADDRESS), "email": None, "name": None, "phone": None, "tax_id": None},
+        "card": {
+            "brand": card["brand"],
+            "checks": {"address_line1_check": None, "address_postal_code_check": None, "cvc_check": None},
+            "country": "US",
+            "display_brand": card["brand"],
+            "exp_month": card["exp_month"],
+            "exp_year": card["exp_year"],
+            "fingerprint": card["fingerprint"],
+            "funding": card["funding"],
+            "generated_from": None,
+            "last4": card["last4"],
+            "networks": {"available": [card["brand"]], "preferred": None},
+            "regulated_status": None,
+            "three_d_secure_usage": {"supported": True},
+            "wallet": None,
+        },
+        "created": pm["created"],
+        "customer": pm["customer"],
+        "customer_account": None,
+        "livemode": False,
+        "metadata": dict(pm["metadata"]),
+        "type": "card",
+    }
+
+
+_CARD_BRANDS = {"visa": "Visa", "mastercard": "MasterCard", "amex": "American Express"}
+
+
+def render_card(pm: dict) -> dict:
+    """A legacy ``card`` source (``card_...``, added with ``source=tok_...``)."""
+    card = pm["card"]
+    return {
+        "id": pm["id"],
+        "object": "card",
+        "address_city": None,
+        "address_country": None,
+        "address_line1": None,
+        "address_line1_check": None,
+        "address_line2": None,
+        "address_state": None,
+        "address_zip": None,
+        "address_zip_check": None,
+        "brand": _CARD_BRANDS.get(card["brand"], card["brand"]),
+        "country": "US",
+        "customer": pm["customer"],
+        "cvc_check": None,
+        "dynamic_last4": None,
+        "exp_month": card["exp_month"],
+        "exp_year": card["exp_year"],
+        "fingerprint": card["fingerprint"],
+        "funding": card["funding"],
+        "last4": card["last4"],
+        "metadata": dict(pm["metadata"]),
+        "name": None,
+        "regulated_status": None,
+        "tokenization_method": None,
+    }
+
+
+def render_portal_configuration(cfg: dict) -> dict:
+    """A ``billing_portal.configuration`` object."""
+    return {
+        "id": cfg["id"],
+        "object": "billing_portal.configuration",
+        "active": cfg["active"],
+        "application": None,
+        "business_profile": _copy(cfg["business_profile"]),
+        "created": cfg["created"],
+        "default_return_url": cfg["default_return_url"],
+        "features": _copy(cfg["features"]),
+        "is_default": cfg["is_default"],
+        "livemode": False,
+        "login_page": _copy(cfg["login_page"]),
+        "metadata": dict(cfg["metadata"]) if cfg["metadata"] is not None else None,
+        "name": cfg["name"],
+        "updated": cfg["updated"],
+    }
+
+
 def render_session(s: dict) -> dict:
     """A ``billing_portal.session`` object."""
     return {
         "id": s["id"],
         "object": "billing_portal.session",
-        "configuration": "bpc_emulator_default",
+        "configuration": s["configuration"],
         "created": s["created"],
         "customer": s["customer"],
         "customer_account": None,

@@ -2,7 +2,8 @@
 
 Finalization gives an invoice ``hosted_invoice_url = <base>/i/<id>`` and
 ``invoice_pdf = <base>/i/<id>/pdf``; a billing-portal session's ``url`` is
-``<base>/p/session/<id>``. These functions render them from rendered Stripe objects.
+``<base>/p/session/<id>``, whose forms post to ``/p/session/<id>/payment_method``.
+These functions render them from rendered Stripe objects.
 """
 
 from __future__ import annotations
@@ -84,15 +85,40 @@ def invoice_pdf(inv: dict, lines: list[dict]) -> bytes:
     return bytes(out)
 
 
-def portal_html(session: dict, customer: dict) -> str:
-    """The billing-portal page a session's ``url`` shows."""
+def portal_html(session: dict, customer: dict, card: dict | None = None, error: str | None = None) -> str:
+    """The billing-portal page a session's ``url`` shows: the customer, its default
+    card, forms to add a test card as the default payment method (plain HTML forms,
+    no script), and the link back to ``return_url``."""
+    from .portal import PORTAL_CARDS
+
+    cid = html.escape(customer["id"])
+    if customer.get("deleted"):
+        return (
+            "<!doctype html><html><head><meta charset='utf-8'><title>Billing portal</title></head><body>"
+            f"<h1>Billing portal</h1><p>Customer {cid} was deleted.</p></body></html>"
+        )
     who = html.escape(customer.get("name") or customer.get("email") or customer["id"])
     ret = session.get("return_url")
     back = f"<p><a id='return' href='{html.escape(ret)}'>Return to {html.escape(ret)}</a></p>" if ret else ""
+    if card is not None:
+        brand = (card.get("card") or {}).get("brand") or card.get("brand") or "card"
+        last4 = (card.get("card") or {}).get("last4") or card.get("last4")
+        current = f"<p id='default-card'>Default card: {html.escape(brand.title())} •••• {html.escape(last4)}</p>"
+    else:
+        current = "<p id='default-card'>No default payment method.</p>"
+    problem = f"<p id='error' role='alert'>{html.escape(error)}</p>" if error else ""
+    action = html.escape(f"/p/session/{session['id']}/payment_method")
+    forms = "".join(
+        f"<form method='post' action='{action}'>"
+        f"<input type='hidden' name='payment_method' value='{html.escape(token)}'>"
+        f"<button type='submit'>{html.escape(label)}</button></form>"
+        for token, label in PORTAL_CARDS
+    )
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>Billing portal</title></head><body>"
-        f"<h1>Billing portal</h1><p>Customer: {who} ({html.escape(customer['id'])})</p>"
-        f"<p>Email: {html.escape(customer.get('email') or '-')}</p>{back}"
-        "<p><small>Stripe emulator (test mode): payment methods are not managed here.</small></p>"
+        f"<h1>Billing portal</h1><p>Customer: {who} ({cid})</p>"
+        f"<p>Email: {html.escape(customer.get('email') or '-')}</p>"
+        f"<h2>Payment method</h2>{problem}{current}{forms}{back}"
+        "<p><small>Stripe emulator (test mode).</small></p>"
         "</body></html>"
     )

@@ -61,6 +61,9 @@ def start_emulator(
     timeout: float = 15.0,
     stderr=None,
     exit_with_parent: bool = True,
+    payment_delay: float | None = None,
+    portal_default_configuration: bool = False,
+    rate_limit: float | None = None,
 ) -> EmulatorProcess:
     """Start ``python -m stripe_emulator`` and wait until it answers.
 
@@ -69,12 +72,23 @@ def start_emulator(
     ``["--max-bulk-lines", "10"]``). ``stderr`` is passed to ``subprocess.Popen``
     (default: inherited). With ``exit_with_parent`` the emulator stops by itself
     when this process dies (no orphan emulators after a crashed test run).
+    ``payment_delay`` (seconds from finalization to the first automatic payment
+    attempt, default 3600), ``portal_default_configuration`` (the account has a
+    default customer-portal configuration) and ``rate_limit`` (requests per second,
+    reads and writes together; default off) become ``--payment-delay``,
+    ``--portal-default-configuration`` and ``--rate-limit``; ``reset()`` keeps them.
     """
     cmd = [sys.executable, "-m", "stripe_emulator", "--host", host, "--port", str(port or 0), "--api-key", api_key]
     if webhook_url:
         cmd += ["--webhook-url", webhook_url, "--webhook-secret", webhook_secret or "whsec_emulator"]
     if exit_with_parent:
         cmd += ["--parent-pid", str(os.getpid())]
+    if payment_delay is not None:
+        cmd += ["--payment-delay", str(payment_delay)]
+    if portal_default_configuration:
+        cmd += ["--portal-default-configuration"]
+    if rate_limit:
+        cmd += ["--rate-limit", str(rate_limit)]
     cmd += list(extra_args)
     pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ)

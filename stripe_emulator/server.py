@@ -3,7 +3,9 @@
 A threaded stdlib HTTP/1.1 server (keep-alive, ``TCP_NODELAY``) serves three areas:
 
 * ``/v1/...`` — the Stripe API. Each request goes: API key check (401) → route
-  (404 ``Unrecognized request URL``) → due auto-finalizations → faults decided
+  (404 ``Unrecognized request URL``) → the combined rate limit (429
+  ``rate_limit``, see :mod:`stripe_emulator.ratelimit`) → due scheduled work
+  (finalizations, payment attempts) → faults decided
   (latency slept with no lock held; 429/500-before answered) → idempotency lookup
   (replay / mismatch / in-progress) → parameter validation against
   ``stripe.params`` → the :class:`~stripe_emulator.store.Store` operation under the
@@ -13,7 +15,8 @@ A threaded stdlib HTTP/1.1 server (keep-alive, ``TCP_NODELAY``) serves three are
 * ``/_emulator/...`` — the control API (see :mod:`stripe_emulator.control` for a
   client and the list of endpoints).
 * ``/i/<invoice>``, ``/i/<invoice>/pdf``, ``/p/session/<id>`` — hosted invoice page,
-  invoice PDF and billing-portal page.
+  invoice PDF and billing-portal page (``POST /p/session/<id>/payment_method``: the
+  page's "add a card" form).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import threading
 import time
 import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlencode
 
 from . import pages
 from .clock import Clock
@@ -38,6 +41,9 @@ from .faults import FaultInjector
 from .idempotency import IdempotencyStore
 from .objects import API_VERSION
 from .params import decode_query, endpoint_schema, validate
+from .payments import DEFAULT_PAYMENT_DELAY, DEFAULT_RETRY_DAYS
+from .ratelimit import MESSAGE as RATE_LIMIT_MESSAGE
+from .ratelimit import RateLimiter
 from .store import Store
 from .webhooks import WebhookDispatcher
 
@@ -74,6 +80,46 @@ ROUTES = [
     ("GET", r"/v1/events", "EventListParams", "list_events"),
     ("GET", r"/v1/events/([^/]+)", "EventRetrieveParams", "retrieve_event"),
     ("POST", r"/v1/billing_portal/sessions", "billing_portal.SessionCreateParams", "create_portal_session"),
+    (
+        "POST",
+        r"/v1/billing_portal/configurations",
+        "billing_portal.ConfigurationCreateParams",
+        "create_portal_configuration",
+    ),
+    (
+        "GET",
+        r"/v1/billing_portal/configurations",
+        "billing_portal.ConfigurationListParams",
+        "list_portal_configurations",
+    ),
+    (
+        "GET",
+        r"/v1/billing_portal/configurations/([^/]+)",
+        "billing_portal.ConfigurationRetrieveParams",
+        "retrieve_portal_configuration",
+    ),
+    (
+        "POST",
+        r"/v1/billing_portal/configurations/([^/]+)",
+        "billing_portal.ConfigurationUpdateParams",
+        "update_portal_configuration",
+    ),
+    ("GET", r"/v1/payment_methods", "PaymentMethodListParams", "list_payment_methods"),
+    ("GET", r"/v1/payment_methods/([^/]+)", "PaymentMethodRetrieveParams", "retrieve_payment_method"),
+    ("POST", r"/v1/payment_methods/([^/]+)/attach", "PaymentMethodAttachParams", "attach_payment_method"),
+    ("POST", r"/v1/payment_methods/([^/]+)/detach", "PaymentMethodDetachParams", "detach_payment_method"),
+    (
+        "GET",
+        r"/v1/customers/([^/]+)/payment_methods",
+        "CustomerListPaymentMethodsParams",
+        "list_customer_payment_methods",
+    ),
+    (
+        "GET",
+        r"/v1/customers/([^/]+)/payment_methods/([^/]+)",
+        "CustomerRetrievePaymentMethodParams",
+        "retrieve_customer_payment_method",
+    ),
 ]
 _COMPILED = {}
 for _m, _rx, _schema, _fn in ROUTES:
@@ -102,10 +148,24 @@ class Emulator:
         webhook_secret: str | None = None,
         max_bulk_lines: int = 50,
         base_url: str = "",
+        payment_delay: float = DEFAULT_PAYMENT_DELAY,
+        payment_retry_days=DEFAULT_RETRY_DAYS,
+        portal_default_configuration: bool = False,
+        rate_limit: float | None = None,
     ) -> None:
         self.api_keys = frozenset(api_keys)
         self.clock = Clock()
         self.store = Store(self.clock, max_bulk_lines=max_bulk_lines, base_url=base_url)
+        self.rate_limiter = RateLimiter()
+        # What the process was started with; reset() comes back to it.
+        self.start_config = {
+            "max_bulk_lines": max_bulk_lines,
+            "payment_delay_seconds": payment_delay,
+            "payment_retry_days": list(payment_retry_days),
+            "portal_default_configuration": portal_default_configuration,
+            "rate_limit_per_second": rate_limit,
+        }
+        self.configure(self.start_config)
         self.idempotency = IdempotencyStore(self.clock)
         self.faults = FaultInjector()
         self.webhooks = WebhookDispatcher(webhook_url, webhook_secret)
@@ -127,12 +187,71 @@ class Emulator:
         while not self._stop.wait(0.5):
             self.run_due()
 
-    def run_due(self) -> int:
-        """Finalize drafts whose automatically_finalizes_at passed."""
+    def run_due(self) -> dict | None:
+        """Run scheduled finalizations and payment attempts that are due."""
         if not self.store.has_due(self.clock.now()):
-            return 0
+            return None
         with self.store.lock:
             return self.store.run_due()
+
+    CONFIG_KEYS = (
+        "max_bulk_lines",
+        "payment_delay_seconds",
+        "payment_retry_days",
+        "portal_default_configuration",
+        "rate_limit_per_second",
+    )
+
+    def configure(self, data: dict) -> dict:
+        """Apply ``/_emulator/config`` settings (any subset of :attr:`CONFIG_KEYS`);
+        raise ``ValueError`` on an unknown key or a bad value. Returns the settings."""
+        unknown = set(data) - set(self.CONFIG_KEYS)
+        if unknown:
+            raise ValueError(f"unknown config key(s): {sorted(unknown)}; expected {list(self.CONFIG_KEYS)}")
+        new: dict = {}  # validate everything before changing anything
+        if "max_bulk_lines" in data:
+            new["max_bulk_lines"] = int(data["max_bulk_lines"])
+            if new["max_bulk_lines"] < 1:
+                raise ValueError("max_bulk_lines must be >= 1")
+        if "payment_delay_seconds" in data:
+            new["payment_delay"] = int(float(data["payment_delay_seconds"]))
+            if new["payment_delay"] < 0:
+                raise ValueError("payment_delay_seconds must be >= 0")
+        if "payment_retry_days" in data:
+            days = data["payment_retry_days"]
+            if isinstance(days, str):
+                days = [d for d in days.split(",") if d.strip()]
+            if not isinstance(days, (list, tuple)) or any(float(d) <= 0 for d in days):
+                raise ValueError("payment_retry_days must be a list of positive numbers of days")
+            new["payment_retry_days"] = tuple(float(d) for d in days)
+        limit = data.get("rate_limit_per_second")
+        limit = float(limit) if limit not in (None, "", False) else None
+        if limit is not None and limit < 0:
+            raise ValueError("rate_limit_per_second must be >= 0")
+        store = self.store
+        with store.lock:
+            for attr, value in new.items():
+                setattr(store, attr, value)
+            if "portal_default_configuration" in data:
+                store.set_portal_default_configuration(_truthy(data["portal_default_configuration"]))
+            if "rate_limit_per_second" in data:
+                self.rate_limiter.per_second = limit
+        return self.config()
+
+    def config(self) -> dict:
+        """The current settings."""
+        store = self.store
+        with store.lock:
+            default = store.default_portal_configuration()
+            return {
+                "max_bulk_lines": store.max_bulk_lines,
+                "payment_delay_seconds": store.payment_delay,
+                "payment_retry_days": [int(d) if d == int(d) else d for d in store.payment_retry_days],
+                "portal_default_configuration": default is not None,
+                "portal_default_configuration_id": default["id"] if default else None,
+                "rate_limit_per_second": self.rate_limiter.per_second,
+                "api_version": API_VERSION,
+            }
 
     def shutdown(self) -> None:
         """Stop background threads."""
@@ -141,9 +260,11 @@ class Emulator:
 
     def reset(self) -> None:
         """Clear objects, events, idempotency keys, faults, request log, clock offset
-        and webhook delivery state (the webhook URL and secret are kept)."""
+        and webhook delivery state (the webhook URL and secret are kept); settings go
+        back to what the process was started with."""
         with self.store.lock:
             self.store.reset()
+            self.configure(self.start_config)
             self.clock.reset()
             self.idempotency.clear()
             self.faults.clear()
@@ -234,6 +355,10 @@ class Emulator:
             return finish(404, error(e))
         schema, fn, args = route
 
+        if not self.rate_limiter.allow():
+            entry["fault"] = "rate_limit"
+            e = StripeError(RATE_LIMIT_MESSAGE, status=429, code="rate_limit")
+            return finish(429, error(e))
         self.run_due()
         decision = self.faults.decide(method, path)
         if decision.pre is not None:
@@ -400,14 +525,14 @@ class Emulator:
                         return _json(400, {"error": "advance_seconds must be >= 0"})
                     with self.store.lock:
                         self.clock.advance(secs)
-                        finalized = self.store.run_due()
+                        done = self.store.run_due()
                     expired = self.idempotency.expire()
                     return _json(
                         200,
                         {
                             "now": self.clock.now(),
                             "offset": self.clock.offset,
-                            "finalized": finalized,
+                            **done,
                             "expired_idempotency_keys": expired,
                         },
                     )
@@ -433,6 +558,8 @@ class Emulator:
                         "customers": len(self.store.customers),
                         "invoices": len(self.store.invoices),
                         "invoiceitems": len(self.store.items),
+                        "payment_methods": len(self.store.payment_methods),
+                        "portal_configurations": len(self.store.portal_configurations),
                         "events": len(self.store.events),
                     }
                 return _json(
@@ -466,16 +593,17 @@ class Emulator:
                 with self.store.lock:
                     return _json(200, {"failing": sorted(self.store.fail_customers)})
             if name == "config":
-                if method == "POST" and "max_bulk_lines" in data:
-                    self.store.max_bulk_lines = int(data["max_bulk_lines"])
-                return _json(200, {"max_bulk_lines": self.store.max_bulk_lines, "api_version": API_VERSION})
+                if method == "POST":
+                    return _json(200, self.configure(data))
+                return _json(200, self.config())
         except (ValueError, TypeError) as e:
             return _json(400, {"error": str(e)})
         return _json(404, {"error": f"unknown control endpoint {method} {path}"})
 
     # ------------------------------------------------------------------ pages
-    def page(self, path: str) -> tuple:
+    def page(self, path: str, query: dict | None = None) -> tuple:
         """Hosted invoice page, invoice PDF and billing-portal page."""
+        query = query or {}
         parts = path.strip("/").split("/")
         with self.store.lock:
             if parts[0] == "i" and len(parts) in (2, 3):
@@ -497,8 +625,29 @@ class Emulator:
                 s = self.store.sessions.get(parts[2])
                 if s is not None:
                     c = self.store.customers[s["customer"]]
-                    return 200, {"Content-Type": "text/html; charset=utf-8"}, pages.portal_html(s, c).encode()
+                    pm = None if c.get("deleted") else self.store._default_payment_method(c)
+                    card = self.store.r_payment_method(pm) if pm else None
+                    html = pages.portal_html(s, c, card, query.get("error"))
+                    return 200, {"Content-Type": "text/html; charset=utf-8"}, html.encode()
         return 404, {"Content-Type": "text/plain"}, b"Not found"
+
+    def page_post(self, path: str, body: bytes) -> tuple:
+        """The portal page's "add a card" form: ``POST /p/session/<id>/payment_method``
+        (form field ``payment_method``), then 303 back to the page."""
+        parts = path.strip("/").split("/")
+        if len(parts) != 4 or parts[:2] != ["p", "session"] or parts[3] != "payment_method":
+            return 404, {"Content-Type": "text/plain"}, b"Not found"
+        sid = parts[2]
+        token = {k: v[-1] for k, v in parse_qs(body.decode("utf-8", "replace")).items()}.get("payment_method", "")
+        location = f"/p/session/{sid}"
+        with self.store.lock:
+            if sid not in self.store.sessions:
+                return 404, {"Content-Type": "text/plain"}, b"Not found"
+            try:
+                self.store.portal_add_card(sid, token)
+            except StripeError as e:
+                location += "?" + urlencode({"error": e.message})
+        return 303, {"Location": location, "Content-Type": "text/plain"}, b""
 
 
 def _truthy(v) -> bool:
@@ -560,7 +709,10 @@ class _Handler(BaseHTTPRequestHandler):
             status, headers, payload = emu.control(self.command, path, query, body)
             ctype = "application/json"
         elif self.command == "GET":
-            status, headers, payload = emu.page(path)
+            status, headers, payload = emu.page(path, {k: v[-1] for k, v in parse_qs(query).items()})
+            ctype = headers.pop("Content-Type", "text/plain")
+        elif self.command == "POST" and path.startswith("/p/"):
+            status, headers, payload = emu.page_post(path, body)
             ctype = headers.pop("Content-Type", "text/plain")
         else:
             status, headers, payload = 404, {}, b'{"error": "not found"}'
@@ -608,8 +760,9 @@ def make_server(host: str = "127.0.0.1", port: int = 0, **kwargs) -> EmulatorHTT
     """Build an emulator bound to ``host:port`` (0 = any free port); call ``serve_forever``.
 
     ``kwargs`` go to :class:`Emulator` (``api_keys``, ``webhook_url``,
-    ``webhook_secret``, ``max_bulk_lines``, ``base_url``); ``base_url`` defaults to
-    ``http://<host>:<port>``.
+    ``webhook_secret``, ``max_bulk_lines``, ``base_url``, ``payment_delay``,
+    ``payment_retry_days``, ``portal_default_configuration``, ``rate_limit``);
+    ``base_url`` defaults to ``http://<host>:<port>``.
     """
     public = kwargs.pop("base_url", None)
     emulator = Emulator(**kwargs)

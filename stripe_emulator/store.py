@@ -1,19 +1,22 @@
 """The emulator's state and Stripe's business rules.
 
 :class:`Store` holds customers, invoices, invoice items (each item on an invoice is
-also that invoice's line, with its own ``il_`` id), events and billing-portal
-sessions, and implements every API operation on them. Callers hold ``store.lock``
-around each operation (the server does), receive validated parameters (see
-:mod:`stripe_emulator.params`) and get back rendered Stripe objects.
+also that invoice's line, with its own ``il_`` id) and events, and implements every
+API operation on them; payment methods (:mod:`~stripe_emulator.payment_methods`),
+finalization and collection (:mod:`~stripe_emulator.payments`) and the customer
+portal (:mod:`~stripe_emulator.portal`) are mixins sharing its state. Callers hold
+``store.lock`` around each operation (the server does), receive validated parameters
+(see :mod:`stripe_emulator.params`) and get back rendered Stripe objects.
 
-Rules reproduced (see shared/STRIPE.md): totals recomputed from the items on every
-change; items only on draft invoices, at most 250 per invoice; edits after
+Rules reproduced here (see shared/STRIPE.md): totals recomputed from the items on
+every change; items only on draft invoices, at most 250 per invoice; edits after
 finalization refused (``invoice_not_editable``); ``pending_invoice_items_behavior``;
-``auto_advance`` and ``automatically_finalizes_at`` (finalization when the emulated
-clock passes it, then a payment attempt when ``auto_advance``); numbering, hosted
-URL and PDF on finalization; payment success, or a ``card_error`` for customers
-marked to fail; void / mark uncollectible / delete-draft transitions; bulk line
-operations that validate every line before changing anything.
+``auto_advance`` and ``automatically_finalizes_at`` (scheduled only with
+``auto_advance``; finalized when the emulated clock reaches it); a draft shows the
+customer's current balance; a deleted customer refuses every write to its invoices
+and items; delete-draft; bulk line operations that validate every line before
+changing anything. Work the clock makes due (scheduled finalizations and payment
+attempts) runs in time order at its own scheduled time (:meth:`Store.run_due`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ from . import objects as O
 from .clock import Clock
 from .errors import StripeError, missing_param, no_such
 from .params import apply_metadata, check_metadata
+from .payment_methods import PaymentMethods
+from .payments import DEFAULT_PAYMENT_DELAY, DEFAULT_RETRY_DAYS, Collection
+from .portal import BillingPortal
 
 MAX_ITEMS_PER_INVOICE = 250
 MAX_EVENTS = 200_000
@@ -57,7 +63,7 @@ def not_editable(message: str, param: str | None = None) -> StripeError:
     return StripeError(message, code="invoice_not_editable", param=param)
 
 
-class Store:
+class Store(PaymentMethods, Collection, BillingPortal):
     """All objects plus the operations of the emulated endpoints."""
 
     def __init__(self, clock: Clock, *, max_bulk_lines: int = 50, base_url: str = "") -> None:
@@ -65,6 +71,9 @@ class Store:
         self.clock = clock
         self.max_bulk_lines = max_bulk_lines
         self.base_url = base_url
+        self.payment_delay = DEFAULT_PAYMENT_DELAY  # seconds from finalization to the first attempt
+        self.payment_retry_days: tuple = DEFAULT_RETRY_DAYS  # days after each failed attempt
+        self._pinned: int | None = None  # the scheduled time of the work run_due is doing
         self.on_event = None  # callable(event_id, type, json_bytes), set by the server
         self.webhooks_configured = lambda: False
         self._rand = random.Random()
@@ -85,10 +94,19 @@ class Store:
             # MAX_EVENTS (Stripe itself keeps 30 days).
             self.events: list[dict] = []
             self.events_by_id: dict[str, dict] = {}
-            self.sessions: dict[str, dict] = {}
             self.fail_customers: set[str] = set()
-            self._due: list[tuple[int, str]] = []
+            # (time, seq, "finalize" | "pay", invoice id); stale entries are skipped
+            self._due: list[tuple[int, int, str, str]] = []
             self.request_ctx: tuple[str | None, str | None] = (None, None)
+            self._reset_payment_methods()
+            self._reset_portal()
+
+    def now(self) -> int:
+        """Emulated time; while :meth:`run_due` works, the time the work was due."""
+        return self._pinned if self._pinned is not None else self.clock.now()
+
+    def _push_due(self, at: int, kind: str, iid: str) -> None:
+        heapq.heappush(self._due, (at, self._seq(), kind, iid))
 
     def new_id(self, prefix: str) -> str:
         """A fresh Stripe-looking id (``cus_1Emu<process tag><counter>``), unique per process
@@ -104,7 +122,7 @@ class Store:
         ev = O.render_event(
             self.new_id("evt"),
             type_,
-            self.clock.now(),
+            self.now(),
             obj,
             previous,
             req_id,
@@ -235,6 +253,10 @@ class Store:
     def _render_ref(self, ref: str):
         if ref.startswith("cus_") and ref in self.customers:
             return O.render_customer(self.customers[ref])
+        if (ref.startswith("pm_") or ref.startswith("card_")) and ref in self.payment_methods:
+            return self.r_payment_method(self.payment_methods[ref])
+        if ref.startswith("bpc_") and ref in self.portal_configurations:
+            return O.render_portal_configuration(self.portal_configurations[ref])
         if ref.startswith("in_") and ref in self.invoices:
             return self.r_invoice(self.invoices[ref])
         if ref.startswith("ii_") and ref in self.items:
@@ -276,27 +298,13 @@ class Store:
             c["tax_exempt"] = p["tax_exempt"] or "none"
         if "invoice_settings" in p:
             s = p["invoice_settings"]
-            if s.get("default_payment_method"):
-                self._payment_method(c, s["default_payment_method"], "invoice_settings[default_payment_method]")
             for k in ("custom_fields", "footer", "rendering_options"):
                 if k in s:
                     c["invoice_settings"][k] = s[k] or None
-        for k in ("payment_method", "source", "default_source"):
-            if p.get(k):
-                self._payment_method(c, p[k], k)
         if p.get("test_clock"):
             raise no_such("test_clock", p["test_clock"], "test_clock")
         if "metadata" in p:
             c["metadata"] = apply_metadata(c["metadata"], p["metadata"])
-
-    def _payment_method(self, c: dict, pm: str, param: str) -> None:
-        # Stripe's test-mode payment methods and tokens; "declined" ones make
-        # later payments fail, like the real test cards do.
-        if not (pm.startswith("pm_card_") or pm.startswith("tok_")):
-            raise no_such("PaymentMethod", pm, param)
-        low = pm.lower()
-        if "declin" in low or "customerfail" in low or "insufficient" in low:
-            self.fail_customers.add(c["id"])
 
     @staticmethod
     def _address(a) -> dict | None:
@@ -310,7 +318,7 @@ class Store:
         c = {
             "id": cid,
             "_seq": self._seq(),
-            "created": self.clock.now(),
+            "created": self.now(),
             "name": None,
             "email": None,
             "description": None,
@@ -324,13 +332,22 @@ class Store:
             "next_invoice_sequence": 1,
             "preferred_locales": [],
             "tax_exempt": "none",
-            "invoice_settings": {"custom_fields": None, "footer": None, "rendering_options": None},
+            "invoice_settings": {
+                "custom_fields": None,
+                "default_payment_method": None,
+                "footer": None,
+                "rendering_options": None,
+            },
+            "default_source": None,
             "metadata": {},
         }
+        apply_payment_methods = self._plan_customer_payment_methods(c, p, creating=True)
         self._customer_fields(c, p)
         self.customers[cid] = c
+        attached = apply_payment_methods()
         out = O.render_customer(c)
         self.emit("customer.created", out)
+        self._emit_attached(attached)
         return O.render_customer(c)
 
     def retrieve_customer(self, cid: str, p: dict) -> dict:
@@ -341,7 +358,14 @@ class Store:
         """POST /v1/customers/{id}"""
         c = self._customer(cid, "id")
         before = O.render_customer(c)
-        self._customer_fields(c, p)
+        apply_payment_methods = self._plan_customer_payment_methods(c, p, creating=False)
+        saved = {k: (dict(v) if isinstance(v, dict) else v) for k, v in c.items()}
+        try:
+            self._customer_fields(c, p)
+        except StripeError:
+            c.update(saved)
+            raise
+        self._emit_attached(apply_payment_methods())
         after = O.render_customer(c)
         prev = O.diff(before, after)
         if prev:
@@ -353,6 +377,7 @@ class Store:
         c = self._customer(cid, "id")
         last = O.render_customer(c)
         c["deleted"] = True
+        self._forget_payment_methods(cid)
         self.emit("customer.deleted", last)
         return O.deleted(cid, "customer")
 
@@ -486,7 +511,7 @@ class Store:
         return ch
 
     def _new_item(self, customer: dict, currency: str, ch: dict) -> dict:
-        now = self.clock.now()
+        now = self.now()
         it = {
             "id": self.new_id("ii"),
             "_seq": self._seq(),
@@ -537,6 +562,7 @@ class Store:
             raise no_such("subscription", p["subscription"], "subscription")
         if "invoice" in p:
             inv = self._invoice(p["invoice"], "invoice")
+            self._writable_customer(inv)
         if "customer" in p:
             cust = self._customer(p["customer"], "customer")
             if inv is not None and inv["customer"] != cust["id"]:
@@ -584,6 +610,7 @@ class Store:
     def update_item(self, iid: str, p: dict) -> dict:
         """POST /v1/invoiceitems/{id}"""
         it = self._item(iid)
+        self._writable_customer(it)
         inv = self.invoices.get(it["invoice"]) if it["invoice"] else None
         if inv is not None:
             self._require_draft_for_items(inv, "update")
@@ -600,6 +627,7 @@ class Store:
     def delete_item(self, iid: str, p: dict) -> dict:
         """DELETE /v1/invoiceitems/{id}"""
         it = self._item(iid)
+        self._writable_customer(it)
         inv = self.invoices.get(it["invoice"]) if it["invoice"] else None
         if inv is not None:
             self._require_draft_for_items(inv, "delete")
@@ -647,8 +675,6 @@ class Store:
             if p.get(k):
                 ref = p[k] if isinstance(p[k], str) else p[k].get("invoice", "")
                 raise no_such(kind, ref, k)
-        if p.get("default_payment_method"):
-            raise no_such("PaymentMethod", p["default_payment_method"], "default_payment_method")
         if p.get("default_tax_rates"):
             raise no_such("tax rate", p["default_tax_rates"][0], "default_tax_rates[0]")
         if p.get("discounts"):
@@ -658,7 +684,7 @@ class Store:
                 "Automatic tax calculation is not available in the emulator.", param="automatic_tax[enabled]"
             )
         currency = (p.get("currency") or cust["currency"] or "usd").lower()
-        now = self.clock.now()
+        now = self.now()
         inv = {
             "id": self.new_id("in"),
             "_seq": self._seq(),
@@ -668,7 +694,10 @@ class Store:
             "status": "draft",
             "auto_advance": False,
             "automatically_finalizes_at": None,
-            "_afa_explicit": False,
+            "_afa_explicit": None,  # a time asked for while auto_advance was on
+            "default_payment_method": None,
+            "last_finalization_error": None,
+            "deferred_to_balance": 0,
             "collection_method": "charge_automatically",
             "days_until_due": None,
             "due_date": None,
@@ -728,11 +757,20 @@ class Store:
         return self.r_invoice(inv)
 
     _AFTER_FINALIZATION = frozenset(
-        {"metadata", "description", "footer", "auto_advance", "custom_fields", "rendering", "expand"}
+        {
+            "metadata",
+            "description",
+            "footer",
+            "auto_advance",
+            "custom_fields",
+            "rendering",
+            "expand",
+            "default_payment_method",
+        }
     )
 
     def _invoice_fields(self, inv: dict, p: dict, creating: bool = False) -> None:
-        now = self.clock.now()
+        now = self.now()
         if not creating and inv["status"] != "draft":
             bad = [k for k in p if k not in self._AFTER_FINALIZATION]
             if bad:
@@ -762,8 +800,26 @@ class Store:
             inv["number"] = p["number"] or None
         if "metadata" in p:
             inv["metadata"] = apply_metadata(inv["metadata"], p["metadata"])
+        if p.get("default_payment_method"):
+            ref = p["default_payment_method"]
+            pm = self.payment_methods.get(ref)
+            if pm is None:
+                raise no_such("PaymentMethod", ref, "default_payment_method")
+            if pm["customer"] != inv["customer"]:
+                raise StripeError(
+                    f"The PaymentMethod {ref} does not belong to the Customer {inv['customer']}. Please attach it "
+                    "to the Customer first.",
+                    param="default_payment_method",
+                )
+            inv["default_payment_method"] = ref
+        elif p.get("default_payment_method") == "":
+            inv["default_payment_method"] = None
+        # A finalization time is scheduled only with auto_advance: without it the time
+        # is accepted and ignored; turning auto_advance off forgets it.
         if "auto_advance" in p:
             inv["auto_advance"] = p["auto_advance"]
+            if not p["auto_advance"]:
+                inv["_afa_explicit"] = None
         if "automatically_finalizes_at" in p:
             t = p["automatically_finalizes_at"]
             if t <= now or t > now + FIVE_YEARS:
@@ -771,15 +827,16 @@ class Store:
                     "Invalid automatically_finalizes_at: must be in the future and at most 5 years from now.",
                     param="automatically_finalizes_at",
                 )
-            inv["automatically_finalizes_at"] = t
-            inv["_afa_explicit"] = True
-        elif inv["status"] == "draft" and not inv["_afa_explicit"]:
-            # Stripe schedules auto-advancing drafts about an hour after creation.
-            inv["automatically_finalizes_at"] = inv["created"] + 3600 if inv["auto_advance"] else None
+            if inv["auto_advance"]:
+                inv["_afa_explicit"] = t
+        if inv["status"] == "draft" and ("auto_advance" in p or "automatically_finalizes_at" in p or creating):
+            # Without a time, Stripe finalizes an auto-advancing draft about an hour after creation.
+            explicit = inv["_afa_explicit"]
+            inv["automatically_finalizes_at"] = (explicit or inv["created"] + 3600) if inv["auto_advance"] else None
 
     def _schedule(self, inv: dict) -> None:
         if inv["status"] == "draft" and inv["automatically_finalizes_at"] is not None:
-            heapq.heappush(self._due, (inv["automatically_finalizes_at"], inv["id"]))
+            self._push_due(inv["automatically_finalizes_at"], "finalize", inv["id"])
 
     def retrieve_invoice(self, iid: str, p: dict) -> dict:
         """GET /v1/invoices/{id}"""
@@ -788,6 +845,7 @@ class Store:
     def update_invoice(self, iid: str, p: dict) -> dict:
         """POST /v1/invoices/{id}"""
         inv = self._invoice(iid, "id")
+        self._writable_customer(inv)
         before = self._snap(inv)
         saved = {k: (dict(v) if isinstance(v, dict) else v) for k, v in inv.items() if k != "items"}
         try:
@@ -795,7 +853,10 @@ class Store:
         except StripeError:
             inv.update(saved)
             raise
-        self._schedule(inv)
+        if "auto_advance" in p or "automatically_finalizes_at" in p:
+            self._schedule(inv)
+        if "auto_advance" in p:
+            self._auto_advance_changed(inv)
         after = self.r_invoice(inv)
         prev = O.diff(before, after)
         if prev:
@@ -805,6 +866,7 @@ class Store:
     def delete_invoice(self, iid: str, p: dict) -> dict:
         """DELETE /v1/invoices/{id} (drafts only; their items are deleted too)"""
         inv = self._invoice(iid, "id")
+        self._writable_customer(inv)
         if inv["status"] != "draft":
             raise StripeError(
                 "You can only delete draft invoices. Finalized invoices can be voided instead.",
@@ -841,144 +903,6 @@ class Store:
         recs.sort(key=lambda r: -r["_seq"])
         return self._paginate(recs, p, "/v1/invoices", self.r_invoice, "invoice")
 
-    def finalize_invoice(self, iid: str, p: dict) -> dict:
-        """POST /v1/invoices/{id}/finalize"""
-        inv = self._invoice(iid, "id")
-        if inv["status"] != "draft":
-            raise StripeError(
-                f"This invoice is already finalized, you can't re-finalize a non-draft invoice. "
-                f"Invoice {inv['id']} is {inv['status']}.",
-            )
-        if "auto_advance" in p:
-            inv["auto_advance"] = p["auto_advance"]
-        self._finalize(inv)
-        return self.r_invoice(inv)
-
-    def _finalize(self, inv: dict) -> None:
-        before = self._snap(inv)
-        cust = self.customers[inv["customer"]]
-        now = self.clock.now()
-        inv["status"] = "open"
-        if inv["number"] is None:
-            seq = cust["next_invoice_sequence"]
-            cust["next_invoice_sequence"] = seq + 1
-            inv["number"] = f"{cust['invoice_prefix']}-{seq:04d}"
-        inv["hosted_invoice_url"] = f"{self.base_url}/i/{inv['id']}"
-        inv["invoice_pdf"] = f"{self.base_url}/i/{inv['id']}/pdf"
-        inv["status_transitions"]["finalized_at"] = now
-        inv["effective_at"] = inv["effective_at"] or now
-        if inv["collection_method"] == "send_invoice" and inv["due_date"] is None:
-            inv["due_date"] = now + 86400 * (inv["days_until_due"] or 0)
-        inv["customer_snapshot"] = O.customer_snapshot(cust)
-        total = sum(it["amount"] for it in self._inv_items(inv))
-        if not cust.get("deleted") and cust["balance"]:
-            inv["starting_balance"] = cust["balance"]
-        net = total + inv["starting_balance"]
-        if net < 0 or inv["starting_balance"]:
-            c_before = O.render_customer(cust)
-            cust["balance"] = min(0, net)
-            c_after = O.render_customer(cust)
-            if not cust.get("deleted"):
-                self.emit("customer.updated", c_after, O.diff(c_before, c_after))
-        auto_collect = inv["auto_advance"] and inv["collection_method"] == "charge_automatically"
-        inv["next_payment_attempt"] = now if auto_collect else None
-        after = self.r_invoice(inv)
-        self.emit("invoice.finalized", after)
-        self.emit("invoice.updated", after, O.diff(before, after))
-        if max(0, net) == 0:
-            self._mark_paid(inv)
-        elif auto_collect:
-            self._charge(inv, manual=False)
-
-    def _mark_paid(self, inv: dict, out_of_band: bool = False) -> None:
-        before = self._snap(inv)
-        totals = O.invoice_totals(inv, self._inv_items(inv))
-        inv["amount_paid"] = totals["amount_due"]
-        inv["status"] = "paid"
-        inv["paid_out_of_band"] = out_of_band
-        inv["status_transitions"]["paid_at"] = self.clock.now()
-        inv["next_payment_attempt"] = None
-        after = self.r_invoice(inv)
-        self.emit("invoice.updated", after, O.diff(before, after))
-        self.emit("invoice.paid", after)
-        if not out_of_band:
-            self.emit("invoice.payment_succeeded", after)
-
-    def _charge(self, inv: dict, manual: bool) -> None:
-        inv["attempt_count"] += 1
-        inv["attempted"] = True
-        if inv["customer"] in self.fail_customers:
-            before = self._snap(inv)
-            inv["next_payment_attempt"] = None if manual or not inv["auto_advance"] else self.clock.now() + 3 * 86400
-            after = self.r_invoice(inv)
-            self.emit("invoice.updated", after, O.diff(before, after))
-            self.emit("invoice.payment_failed", after)
-            if manual:
-                raise StripeError(
-                    "Your card was declined.",
-                    status=402,
-                    type="card_error",
-                    code="card_declined",
-                    decline_code="generic_decline",
-                )
-            return
-        self._mark_paid(inv)
-
-    def pay_invoice(self, iid: str, p: dict) -> dict:
-        """POST /v1/invoices/{id}/pay (a draft is finalized first, as Stripe does)"""
-        inv = self._invoice(iid, "id")
-        for k, kind in (("payment_method", "PaymentMethod"), ("source", "source"), ("mandate", "mandate")):
-            if p.get(k) and not (k != "mandate" and (p[k].startswith("pm_card_") or p[k].startswith("tok_"))):
-                raise no_such(kind, p[k], k)
-        if inv["status"] == "paid":
-            raise StripeError("Invoice is already paid.")
-        if inv["status"] == "void":
-            raise StripeError("This invoice has been voided and can no longer be paid.")
-        if inv["status"] == "draft":
-            self._finalize(inv)
-            if inv["status"] == "paid":
-                return self.r_invoice(inv)
-        if p.get("paid_out_of_band"):
-            self._mark_paid(inv, out_of_band=True)
-            return self.r_invoice(inv)
-        if O.invoice_totals(inv, self._inv_items(inv))["amount_remaining"] == 0:
-            self._mark_paid(inv)
-            return self.r_invoice(inv)
-        pm = p.get("payment_method") or p.get("source") or ""
-        if "declin" in pm.lower():
-            self.fail_customers.add(inv["customer"])
-        self._charge(inv, manual=True)
-        return self.r_invoice(inv)
-
-    def void_invoice(self, iid: str, p: dict) -> dict:
-        """POST /v1/invoices/{id}/void (open or uncollectible invoices)"""
-        inv = self._invoice(iid, "id")
-        if inv["status"] not in ("open", "uncollectible"):
-            raise StripeError(
-                f"You can only void open or uncollectible invoices; invoice {inv['id']} is {inv['status']}.",
-            )
-        return self._end_collection(inv, "void", "voided_at", "invoice.voided")
-
-    def mark_uncollectible(self, iid: str, p: dict) -> dict:
-        """POST /v1/invoices/{id}/mark_uncollectible (open invoices)"""
-        inv = self._invoice(iid, "id")
-        if inv["status"] != "open":
-            raise StripeError(
-                f"You can only mark open invoices as uncollectible; invoice {inv['id']} is {inv['status']}.",
-            )
-        return self._end_collection(inv, "uncollectible", "marked_uncollectible_at", "invoice.marked_uncollectible")
-
-    def _end_collection(self, inv: dict, status: str, transition: str, event_type: str) -> dict:
-        """Move an open invoice to a status where Stripe stops collecting it."""
-        before = self._snap(inv)
-        inv["status"] = status
-        inv["status_transitions"][transition] = self.clock.now()
-        inv["next_payment_attempt"] = None
-        after = self.r_invoice(inv)
-        self.emit("invoice.updated", after, O.diff(before, after))
-        self.emit(event_type, after)
-        return self.r_invoice(inv)
-
     def list_lines(self, iid: str, p: dict) -> dict:
         """GET /v1/invoices/{id}/lines (in the invoice's order)"""
         inv = self._invoice(iid, "invoice")
@@ -998,6 +922,7 @@ class Store:
 
     def _bulk_prelude(self, iid: str, p: dict) -> dict:
         inv = self._invoice(iid, "invoice")
+        self._writable_customer(inv)
         lines = p["lines"]
         if not lines:
             raise StripeError("You must pass at least one line.", param="lines")
@@ -1111,6 +1036,7 @@ class Store:
     def update_line(self, iid: str, line_id: str, p: dict) -> dict:
         """POST /v1/invoices/{id}/lines/{line_id}: updates the line's invoice item."""
         inv = self._invoice(iid, "invoice")
+        self._writable_customer(inv)
         it = self._line(inv, line_id, "line_item_id")
         if inv["status"] != "draft":
             raise not_editable(
@@ -1127,33 +1053,37 @@ class Store:
 
     # ================================================================== clock-driven
     def has_due(self, now: int) -> bool:
-        """Cheap check: is a draft's automatically_finalizes_at reached?"""
+        """Cheap check: is a scheduled finalization or payment attempt due?"""
         due = self._due
         return bool(due) and due[0][0] <= now
 
-    def run_due(self) -> int:
-        """Finalize drafts whose ``automatically_finalizes_at`` has passed (then
-        attempt payment when ``auto_advance``). Returns how many were finalized."""
-        n = 0
+    def run_due(self) -> dict:
+        """Run the finalizations and payment attempts whose time has come, in time
+        order, each at its own scheduled time (so one big clock jump runs a whole
+        finalize → attempt → retries sequence). Returns how many of each ran."""
+        done = {"finalized": 0, "payment_attempts": 0}
         now = self.clock.now()
         saved_ctx = self.request_ctx
         self.request_ctx = (None, None)
         try:
             while self._due and self._due[0][0] <= now:
-                t, iid = heapq.heappop(self._due)
+                t, _, kind, iid = heapq.heappop(self._due)
                 inv = self.invoices.get(iid)
-                if (
-                    inv is None
-                    or inv.get("deleted")
-                    or inv["status"] != "draft"
-                    or inv["automatically_finalizes_at"] != t
-                ):
+                if inv is None or inv.get("deleted"):
                     continue
-                self._finalize(inv)
-                n += 1
+                self._pinned = t
+                if kind == "finalize":
+                    if inv["status"] == "draft" and inv["auto_advance"] and inv["automatically_finalizes_at"] == t:
+                        self._scheduled_finalize(inv)
+                        done["finalized"] += inv["status"] != "draft"
+                elif inv["status"] == "open" and inv["next_payment_attempt"] == t and self._auto_collects(inv):
+                    self._attempt_payment(inv, manual=False)
+                    done["payment_attempts"] += 1
+                self._pinned = None
         finally:
+            self._pinned = None
             self.request_ctx = saved_ctx
-        return n
+        return done
 
     # ================================================================== events
     def retrieve_event(self, eid: str, p: dict) -> dict:
@@ -1189,23 +1119,3 @@ class Store:
 
         recs = [e for e in reversed(self.events) if match(e) and self._created_ok(e["created"], created)]
         return self._paginate(recs, p, "/v1/events", self.public_event, "event")
-
-    # ================================================================== billing portal
-    def create_portal_session(self, p: dict) -> dict:
-        """POST /v1/billing_portal/sessions"""
-        if "customer" not in p:
-            raise missing_param("customer")
-        cust = self._customer(p["customer"], "customer")
-        if p.get("configuration"):
-            raise no_such("configuration", p["configuration"], "configuration")
-        sid = self.new_id("bps")
-        s = {
-            "id": sid,
-            "created": self.clock.now(),
-            "customer": cust["id"],
-            "return_url": p.get("return_url"),
-            "locale": p.get("locale"),
-            "url": f"{self.base_url}/p/session/{sid}",
-        }
-        self.sessions[sid] = s
-        return O.render_session(s)

@@ -23,17 +23,30 @@ from tests.api_helpers import HEADERS, event, post_usage, stamp
 from tests.sync_helpers import assert_stripe_matches_portal, stripe_client
 from tests.webhook_helpers import SECRET
 
+# Stripe attempts payment about an hour after finalizing an auto-advancing invoice.
+PAYMENT_DELAY = 3600
+
 
 @pytest.fixture
-def due(db, make, stripe_emulator):
-    """An organization whose open invoice's period has ended, synced to a Stripe draft."""
+def due(db, app, make, stripe_emulator):
+    """An organization whose open invoice's period has ended, synced to a Stripe draft;
+    its Stripe customer has Stripe's test Visa card as its default payment method."""
     organization = make.organization(slug="acme")
     product = make.product("egress.gb", unit_price="200", name="Egress")
     invoice = make.open_invoice(organization, at=datetime.now(timezone.utc) - timedelta(days=40))
     add_quantity(invoice, product, "", Decimal("12.5"))
     db.session.commit()
-    assert sync_invoice(invoice.id).outcome == "synced"
+    app.config["STRIPE_TEST_PAYMENT_METHOD"] = "pm_card_visa"
+    try:
+        assert sync_invoice(invoice.id).outcome == "synced"
+    finally:
+        app.config["STRIPE_TEST_PAYMENT_METHOD"] = None
     return invoice.id
+
+
+def collect(emulator) -> None:
+    """Let Stripe's payment attempt after finalization happen."""
+    emulator.control.advance_clock(PAYMENT_DELAY + 1)
 
 
 def invoices_of(db, organization_id: int) -> list[Invoice]:
@@ -67,11 +80,12 @@ def assert_closed_and_rolled_over(db, emulator, invoice_id: int, status: str = "
 
 
 def test_close_cycle_finalizes_at_stripe_and_opens_the_next_invoice(db, stripe_emulator, due):
-    assert close_cycle(due) == "paid"  # automatic collection charged the customer at once
+    assert close_cycle(due) == "finalized"  # Stripe collects later, on its own
     stripe_invoice = stripe_client(stripe_emulator).v1.invoices.retrieve(db.session.get(Invoice, due).stripe_invoice_id)
-    assert stripe_invoice.status == "paid" and stripe_invoice.auto_advance is True
-    assert_closed_and_rolled_over(db, stripe_emulator, due)
-    assert close_cycle(due) == "already_paid"
+    assert stripe_invoice.status == "open" and stripe_invoice.auto_advance is True
+    assert stripe_invoice.next_payment_attempt is not None
+    assert_closed_and_rolled_over(db, stripe_emulator, due, status="finalized")
+    assert close_cycle(due) == "already_finalized"
 
 
 def test_an_invoice_whose_period_has_not_ended_is_not_due(db, make, stripe_emulator):
@@ -91,6 +105,7 @@ def test_stripe_finalizing_on_its_own_in_any_order_with_the_close_job(db, stripe
     # Stripe finalized and charged the invoice itself (dashboard, automatically_finalizes_at).
     stripe_id = db.session.get(Invoice, due).stripe_invoice_id
     stripe_client(stripe_emulator).v1.invoices.finalize_invoice(stripe_id, params={"auto_advance": True})
+    collect(stripe_emulator)
     events = {kind: stripe_events(stripe_emulator, f"invoice.{kind}")[0] for kind in ("finalized", "paid")}
     for step in order:
         if step == "close":
@@ -105,7 +120,8 @@ CLOSE_FIRST = [["finalized", "paid"], ["paid", "finalized"], ["paid", "paid", "c
 
 @pytest.mark.parametrize("after", CLOSE_FIRST, ids=["-".join(o) for o in CLOSE_FIRST])
 def test_close_job_first_then_its_events_in_any_order(db, stripe_emulator, due, after):
-    close_cycle(due)
+    assert close_cycle(due) == "finalized"
+    collect(stripe_emulator)
     events = {kind: stripe_events(stripe_emulator, f"invoice.{kind}")[0] for kind in ("finalized", "paid")}
     for step in after:
         if step == "close":
@@ -117,6 +133,7 @@ def test_close_job_first_then_its_events_in_any_order(db, stripe_emulator, due, 
 
 def test_a_stale_finalized_event_does_not_undo_paid(db, stripe_emulator, due):
     close_cycle(due)
+    collect(stripe_emulator)
     finalized = stripe_events(stripe_emulator, "invoice.finalized")[0]
     handle(db, stripe_events(stripe_emulator, "invoice.paid")[0])
     handle(db, {**finalized, "id": "evt_replayed_copy"})
@@ -128,9 +145,10 @@ def test_payment_failure_voids_and_uncollectible_are_shown(db, stripe_emulator, 
     client = stripe_client(stripe_emulator)
     customer = invoice.organization.stripe_customer_id
     stripe_emulator.control.fail_payments_for(customer)
-    assert close_cycle(due) == "finalized"  # the charge failed: open at Stripe
+    assert close_cycle(due) == "finalized"
+    collect(stripe_emulator)  # the charge fails: open (past due) at Stripe
     handle(db, stripe_events(stripe_emulator, "invoice.payment_failed")[0])
-    assert db.session.get(Invoice, due).status == "finalized"
+    assert db.session.get(Invoice, due).status == "finalized" and db.session.get(Invoice, due).past_due
     client.v1.invoices.mark_uncollectible(invoice.stripe_invoice_id)
     handle(db, stripe_events(stripe_emulator, "invoice.marked_uncollectible")[0])
     assert db.session.get(Invoice, due).status == "uncollectible"
@@ -158,7 +176,7 @@ def test_close_cycle_twice_at_once_finalizes_once(db, app, stripe_emulator, due)
     finalizes = [r for r in stripe_emulator.control.requests_log() if r["path"].endswith("/finalize")]
     assert len(finalizes) == 1
     stripe_emulator.control.clear_faults()
-    assert_closed_and_rolled_over(db, stripe_emulator, due)
+    assert_closed_and_rolled_over(db, stripe_emulator, due, status="finalized")
 
 
 def test_usage_arriving_during_the_close_lands_on_exactly_one_invoice(db, client, stripe_emulator, due):
@@ -169,7 +187,7 @@ def test_usage_arriving_during_the_close_lands_on_exactly_one_invoice(db, client
     response = post_usage(client, [event("late-1", "acme", "egress.gb", "2", occurred_at=in_old_period),
                                    event("new-1", "acme", "egress.gb", "1")])
     assert response.get_json() == {"accepted": 2, "duplicates": 0}
-    assert close_cycle(due) == "paid"
+    assert close_cycle(due) == "finalized"
     closed, current = invoices_of(db, closing.organization_id)
     assert closed.total_cents == closing_total  # frozen once closing
     assert current.status == "open" and current.total_cents == 600
@@ -209,7 +227,7 @@ def test_close_cycle_now_ends_the_period_now_and_the_next_runs_to_the_usual_end(
     result = runner.invoke(args=["close-cycle", "--org", "initech"])
     assert result.exit_code == 0, result.output
     closed, current = invoices_of(db, organization.id)
-    assert closed.status in ("finalized", "paid") and closed.period_end < usual_end
+    assert closed.status == "finalized" and closed.period_end < usual_end
     assert current.period_start == closed.period_end and current.period_end == usual_end
     # The service is charged for each part of the cycle: together about its full price.
     assert abs(closed.total_cents + current.total_cents - 2900) <= 1
@@ -218,7 +236,7 @@ def test_close_cycle_now_ends_the_period_now_and_the_next_runs_to_the_usual_end(
 
 def test_close_cycle_due_command(db, runner, stripe_emulator, due):
     result = runner.invoke(args=["close-cycle", "--due"])
-    assert result.exit_code == 0 and f"invoice {due}: paid" in result.output
+    assert result.exit_code == 0 and f"invoice {due}: finalized" in result.output
     assert runner.invoke(args=["close-cycle", "--due"]).output.strip().endswith("Nothing to close.")
     assert runner.invoke(args=["close-cycle"]).exit_code != 0
 
@@ -226,7 +244,7 @@ def test_close_cycle_due_command(db, runner, stripe_emulator, due):
 def test_api_shows_closed_invoices_newest_first(db, client, stripe_emulator, due):
     close_cycle(due)
     listed = client.get("/api/v1/organizations/acme/invoices", headers=HEADERS).get_json()["invoices"]
-    assert [i["status"] for i in listed] == ["open", "paid"]
+    assert [i["status"] for i in listed] == ["open", "finalized"]
     assert listed[1]["number"] and listed[1]["hosted_invoice_url"]
 
 

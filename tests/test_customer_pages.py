@@ -12,6 +12,7 @@ from portal.billing.pricing import add_quantity
 from portal.billing.services import attach_service, detach_service
 from portal.models import Invoice, SyncRun
 from portal.models.types import utcnow
+from tests.sync_helpers import stripe_client
 
 
 class QueryCounter:
@@ -127,7 +128,8 @@ def test_member_cannot_see_or_use_another_organizations_billing(client, auth, ma
     assert client.post(f"/orgs/{other.slug}/billing/payment-methods").status_code == 404
 
 
-def test_manage_payment_methods_opens_a_stripe_customer_portal_session(client, auth, db, billed, stripe_emulator):
+@pytest.fixture
+def stripe_customer(db, billed, stripe_emulator):
     from portal.stripe_gateway import gateway
 
     organization, _, _ = billed
@@ -135,16 +137,58 @@ def test_manage_payment_methods_opens_a_stripe_customer_portal_session(client, a
                                          key="test-customer-initech")
     organization.stripe_customer_id = customer.id
     db.session.commit()
+    return customer.id
+
+
+def _portal_sessions(emulator) -> list[dict]:
+    return [r for r in emulator.control.requests_log() if r["path"] == "/v1/billing_portal/sessions"]
+
+
+def test_manage_payment_methods_opens_a_stripe_customer_portal_session(client, auth, billed, stripe_emulator,
+                                                                        stripe_customer):
+    organization, _, _ = billed
+    stripe_emulator.control.set_portal_default_configuration(True)  # saved once in the Dashboard
     auth.login("ann@example.com")
     page = client.get(f"/orgs/{organization.slug}/billing").get_data(as_text=True)
     assert "Manage payment methods" in page
     response = client.post(f"/orgs/{organization.slug}/billing/payment-methods")
     assert response.status_code == 303
     assert response.headers["Location"].startswith(f"{stripe_emulator.url}/p/session/bps_")
-    sessions = [r for r in stripe_emulator.control.requests_log() if r["path"] == "/v1/billing_portal/sessions"]
-    assert len(sessions) == 1
-    assert sessions[0]["params"]["customer"] == customer.id
+    sessions = _portal_sessions(stripe_emulator)
+    assert len(sessions) == 1 and sessions[0]["status"] == 200
+    assert sessions[0]["params"]["customer"] == stripe_customer
     assert sessions[0]["params"]["return_url"].endswith(f"/orgs/{organization.slug}/billing")
+    assert "configuration" not in sessions[0]["params"]  # the account's default
+
+
+def test_a_configured_portal_configuration_is_used(client, auth, app, billed, stripe_emulator, stripe_customer,
+                                                   monkeypatch):
+    organization, _, _ = billed
+    configuration = stripe_client(stripe_emulator).v1.billing_portal.configurations.create(params={
+        "features": {"payment_method_update": {"enabled": True}}})
+    assert configuration.is_default is False
+    monkeypatch.setitem(app.config, "STRIPE_PORTAL_CONFIGURATION", configuration.id)
+    auth.login("ann@example.com")
+    response = client.post(f"/orgs/{organization.slug}/billing/payment-methods")
+    assert response.status_code == 303, response.get_data(as_text=True)
+    assert _portal_sessions(stripe_emulator)[-1]["params"]["configuration"] == configuration.id
+
+
+def test_without_a_portal_configuration_the_customer_is_told_and_support_sees_why(
+        client, auth, make, billed, stripe_emulator, stripe_customer):
+    organization, _, _ = billed
+    auth.login("ann@example.com")
+    response = client.post(f"/orgs/{organization.slug}/billing/payment-methods", follow_redirects=True)
+    page = response.get_data(as_text=True)
+    assert response.request.path == f"/orgs/{organization.slug}/billing"
+    assert "Our support team has been told" in page and "try again in a minute" not in page
+    assert _portal_sessions(stripe_emulator)[-1]["status"] == 400  # Stripe refused: no default configuration
+    auth.logout()
+    make.user("staff@example.com", support=True)
+    auth.login("staff@example.com")
+    problems = client.get("/admin/discrepancies").get_data(as_text=True)
+    assert "Stripe refused to open its customer portal" in problems and "STRIPE_PORTAL_CONFIGURATION" in problems
+    assert f"organization #{organization.id}" in problems
 
 
 def test_manage_payment_methods_explains_when_there_is_no_stripe_customer_yet(client, auth, billed, stripe_emulator):

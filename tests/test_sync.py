@@ -48,8 +48,12 @@ def test_first_sync_creates_customer_draft_and_lines(db, stripe_emulator, billed
     assert_stripe_matches_portal(db, stripe_emulator, invoice_id)
     invoice = db.session.get(Invoice, invoice_id)
     stripe_invoice = stripe_client(stripe_emulator).v1.invoices.retrieve(invoice.stripe_invoice_id)
-    assert stripe_invoice.status == "draft" and stripe_invoice.auto_advance is False
-    assert stripe_invoice.automatically_finalizes_at > int(invoice.period_end.timestamp())
+    # Stripe's backstop for a close that never runs: auto-advancing, finalized two hours
+    # after the period ends (never the hour after creation an untimed draft would get).
+    assert stripe_invoice.status == "draft" and stripe_invoice.auto_advance is True
+    assert stripe_invoice.automatically_finalizes_at == int(invoice.period_end.timestamp()) + 2 * 3600
+    create = next(r for r in stripe_emulator.control.requests_log(path="/v1/invoices", method="POST"))
+    assert create["params"]["auto_advance"] in ("true", True) and "automatically_finalizes_at" in create["params"]
     assert stripe_invoice.metadata["portal_invoice_id"] == str(invoice_id)
     assert not invoice.has_unsynced_changes
     # Every item named the draft: nothing is left pending for the customer (FAILURES #7).

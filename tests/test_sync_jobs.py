@@ -15,7 +15,7 @@ from jobs.sync import sweep_unsynced
 from portal.billing.pricing import add_quantity
 from portal.models import Invoice
 from portal.queue import redis_connection
-from portal.stripe_gateway import WriteBudget
+from portal.stripe_gateway import RequestBudget
 from tests.api_helpers import HEADERS
 from tests.sync_helpers import assert_stripe_matches_portal
 
@@ -121,13 +121,13 @@ def test_schedule_and_sync_commands(runner, db, stripe_emulator, two_invoices):
     assert runner.invoke(args=["sync", "--invoice", "999"]).exit_code != 0
 
 
-def test_write_budget_is_shared_and_never_exceeded(app):
+def test_request_budget_is_shared_and_never_exceeded(app):
     budget_rate = 100
     stamps: list[float] = []
     lock = threading.Lock()
 
     def spend(count: int):
-        budget = WriteBudget(app.extensions["redis"], budget_rate, key="test:budget")
+        budget = RequestBudget(app.extensions["redis"], budget_rate, key="test:budget")
         for _ in range(count):
             budget.acquire()
             with lock:

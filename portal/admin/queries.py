@@ -11,7 +11,7 @@ from sqlalchemy.orm import aliased, joinedload, selectinload
 
 from portal.billing.sync import SYNCABLE_STATUSES
 from portal.extensions import db
-from portal.models import Invoice, InvoiceItem, Organization, StripeEvent, SyncRun
+from portal.models import AuditEntry, Invoice, InvoiceItem, Organization, StripeEvent, SyncRun
 from portal.models.types import utcnow
 
 # Invoices a sync still works on; a closed invoice's sync history is just history.
@@ -183,6 +183,38 @@ def failed_stripe_events(limit: int = 200) -> list[StripeEvent]:
             select(StripeEvent)
             .where(StripeEvent.processed_at.is_(None))
             .order_by(StripeEvent.attempts.desc(), StripeEvent.received_at)
+            .limit(limit)
+        )
+    )
+
+
+def collection_problems(limit: int = 200) -> list[Invoice]:
+    """Finalized invoices whose collection failed or waits for the customer, and
+    invoices Stripe could not finalize on its own; oldest first."""
+    return list(
+        db.session.scalars(
+            select(Invoice)
+            .where(or_(
+                and_(Invoice.status == "finalized",
+                     or_(Invoice.payment_attempts > 0, Invoice.payment_problem.is_not(None))),
+                Invoice.finalization_error.is_not(None),
+            ))
+            .options(joinedload(Invoice.organization))
+            .order_by(Invoice.period_end, Invoice.id)
+            .limit(limit)
+        )
+    )
+
+
+def portal_refusals(since: timedelta = timedelta(days=7), limit: int = 20) -> list[AuditEntry]:
+    """Recent refusals by Stripe to open its customer portal (a setting to fix)."""
+    from portal.customer.payment_methods import PORTAL_REFUSED
+
+    return list(
+        db.session.scalars(
+            select(AuditEntry)
+            .where(AuditEntry.action == PORTAL_REFUSED, AuditEntry.created_at > utcnow() - since)
+            .order_by(AuditEntry.created_at.desc())
             .limit(limit)
         )
     )

@@ -72,6 +72,7 @@ def organization(slug: str):
 @support_required
 def discrepancies():
     return render_template("admin/discrepancies.html", discrepancies=queries.discrepancies(),
+                           collection=queries.collection_problems(), portal_refusals=queries.portal_refusals(),
                            events=queries.failed_stripe_events(), pending_minutes=int(
                                queries.PENDING_TOO_LONG.total_seconds() // 60))
 

@@ -29,6 +29,16 @@ def invoice_json(invoice: Invoice, last_run: SyncRun | None = None, with_items: 
         "hosted_invoice_url": invoice.hosted_invoice_url,
         "invoice_pdf": invoice.invoice_pdf,
         "has_unsynced_changes": invoice.has_unsynced_changes,
+        # Collection, as Stripe last reported it (finalized invoices).
+        "past_due": invoice.past_due,
+        "payment": {
+            "amount_due": invoice.amount_due_cents,
+            "amount_paid": invoice.amount_paid_cents,
+            "attempts": invoice.payment_attempts,
+            "next_attempt": iso(invoice.next_payment_attempt_at),
+            "problem": invoice.payment_problem,
+            "carried_to_balance": invoice.carried_to_balance_cents,
+        },
         "last_sync": {"at": iso(last_run.finished_at or last_run.started_at), "outcome": last_run.outcome}
         if last_run else None,
     }

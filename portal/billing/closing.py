@@ -16,7 +16,7 @@ the state, and the partial unique index allows one open invoice per organization
 """
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timezone
 from decimal import Decimal
 
 from sqlalchemy import select, update
@@ -140,9 +140,10 @@ def _finalize(invoice_id: int, stripe: StripeGateway) -> str:
         return apply_stripe_invoice(invoice_id, stripe_invoice)
 
 
-def refresh_from_stripe(invoice_id: int, stripe: StripeGateway | None = None) -> str:
+def refresh_from_stripe(invoice_id: int, stripe: StripeGateway | None = None, problem: str | None = None) -> str:
     """Re-read the Stripe invoice and apply its state (what a webhook handler does when
-    order matters)."""
+    order matters). `problem` is what the event said that the invoice does not show
+    (`action_required`: the customer must confirm the payment)."""
     invoice = db.session.get(Invoice, invoice_id)
     if invoice is None or not invoice.stripe_invoice_id:
         return "no_stripe_invoice"
@@ -152,16 +153,18 @@ def refresh_from_stripe(invoice_id: int, stripe: StripeGateway | None = None) ->
         stripe_invoice = (stripe or gateway()).retrieve_invoice(stripe_id)
     except StripeObjectMissing:
         return "stripe_invoice_missing"
-    return apply_stripe_invoice(invoice_id, stripe_invoice)
+    return apply_stripe_invoice(invoice_id, stripe_invoice, problem)
 
 
-def apply_stripe_invoice(invoice_id: int, stripe_invoice) -> str:
+def apply_stripe_invoice(invoice_id: int, stripe_invoice, problem: str | None = None) -> str:
     """Move the portal invoice forward to the Stripe invoice's state; open the next
-    invoice when it leaves `open`. Returns the portal status afterwards."""
+    invoice when it leaves `open`; record how its collection stands. Returns the
+    portal status afterwards."""
     target = STRIPE_TO_PORTAL.get(stripe_invoice.status)
     invoice = db.session.scalar(
         select(Invoice).where(Invoice.id == invoice_id).with_for_update().execution_options(populate_existing=True)
     )
+    _record_collection(invoice, stripe_invoice, problem)
     if target is None or not may_move(invoice.status, target):
         db.session.commit()
         return invoice.status
@@ -180,6 +183,39 @@ def apply_stripe_invoice(invoice_id: int, stripe_invoice) -> str:
         _carry_over(invoice, stripe_invoice, open_next_invoice(invoice))
     db.session.commit()
     return target
+
+
+def _record_collection(invoice: Invoice, stripe_invoice, problem: str | None) -> None:
+    """What Stripe says of collecting the invoice: amounts, attempts, the next attempt,
+    and whether the customer must act. A read older than what is stored (fewer
+    attempts) changes nothing; paid, void and uncollectible end the attempts."""
+    status = stripe_invoice.status
+    if status == "draft":
+        error = getattr(stripe_invoice, "last_finalization_error", None)
+        if error:
+            invoice.finalization_error = str(getattr(error, "message", None) or error)[:2000]
+        return
+    invoice.finalization_error = None
+    attempts = int(getattr(stripe_invoice, "attempt_count", 0) or 0)
+    if status == "open" and attempts < invoice.payment_attempts:
+        return
+    invoice.amount_due_cents = stripe_invoice.amount_due
+    invoice.amount_paid_cents = stripe_invoice.amount_paid
+    invoice.payment_attempts = max(attempts, invoice.payment_attempts)
+    if status != "open":
+        invoice.next_payment_attempt_at = None
+        invoice.payment_problem = None
+        if status == "paid" and not getattr(stripe_invoice, "paid_out_of_band", False):
+            # Below Stripe's minimum charge: marked paid, and what it would have charged
+            # (with any balance it took over) left on the customer's balance.
+            invoice.carried_to_balance_cents = max(0, int(getattr(stripe_invoice, "ending_balance", 0) or 0))
+        return
+    next_attempt = getattr(stripe_invoice, "next_payment_attempt", None)
+    invoice.next_payment_attempt_at = datetime.fromtimestamp(next_attempt, timezone.utc) if next_attempt else None
+    if problem:
+        invoice.payment_problem = problem
+    elif attempts and invoice.payment_problem is None:
+        invoice.payment_problem = "payment_failed"
 
 
 CARRY_OVER_CODE = "portal.carry-over"
@@ -208,8 +244,6 @@ def _carry_over(invoice: Invoice, stripe_invoice, successor: Invoice) -> None:
 
 
 def _stamp(stripe_invoice, field: str) -> datetime | None:
-    from datetime import timezone
-
     transitions = getattr(stripe_invoice, "status_transitions", None)
     value = getattr(transitions, field, None) if transitions is not None else None
     return datetime.fromtimestamp(value, timezone.utc) if value else None

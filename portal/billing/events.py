@@ -15,7 +15,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from portal.extensions import db
-from portal.models import Invoice, Organization, StripeEvent
+from portal.models import Invoice, StripeEvent
 from portal.models.types import utcnow
 from portal.queue import queue
 
@@ -110,10 +110,13 @@ def _portal_invoice_id(stripe_invoice: dict) -> int | None:
 
 
 @handler("invoice.finalized", "invoice.paid", "invoice.payment_succeeded", "invoice.payment_failed",
-         "invoice.voided", "invoice.marked_uncollectible", "invoice.updated")
+         "invoice.voided", "invoice.marked_uncollectible", "invoice.updated", "invoice.finalization_failed",
+         "invoice.payment_action_required")
 def invoice_state_changed(event: dict) -> str:
     """Whatever the event says, re-read the invoice from Stripe and move the portal's
-    invoice forward to that state: order and duplicates then do not matter."""
+    invoice forward to that state: order and duplicates then do not matter. (Stripe's
+    `invoice.upcoming` is sent only before subscription renewals, so the portal's
+    one-off drafts never get one: there is no handler for it.)"""
     from portal.billing.closing import refresh_from_stripe
 
     stripe_invoice = event["data"]["object"]
@@ -124,7 +127,8 @@ def invoice_state_changed(event: dict) -> str:
     if invoice.stripe_state_at is not None and event["created"] < invoice.stripe_state_at \
             and invoice.status not in ("open", "closing"):
         return "older than the state already applied"
-    status = refresh_from_stripe(invoice_id)
+    problem = "action_required" if event["type"] == "invoice.payment_action_required" else None
+    status = refresh_from_stripe(invoice_id, problem=problem)
     db.session.execute(update(Invoice).where(
         Invoice.id == invoice_id, or_(Invoice.stripe_state_at.is_(None), Invoice.stripe_state_at < event["created"])
     ).values(stripe_state_at=event["created"]))
@@ -132,17 +136,33 @@ def invoice_state_changed(event: dict) -> str:
     return f"invoice {invoice_id} is {status}"
 
 
-@handler("invoice.upcoming")
-def invoice_upcoming(event: dict) -> str:
-    """Stripe will bill the customer soon: make sure the open invoice is synced."""
+@handler("customer.created", "customer.updated", "payment_method.attached", "payment_method.detached",
+         "payment_method.updated")
+def customer_changed(event: dict) -> str:
+    """The customer's default payment method or balance may have changed: re-read it."""
+    from portal.billing.customers import organization_of_customer, refresh_customer
+
+    obj = event["data"]["object"]
+    customer_id = obj.get("id") if obj.get("object") == "customer" else obj.get("customer")
+    organization_id = organization_of_customer(customer_id)
+    if organization_id is None:
+        # A detached method no longer names its customer: the customer event that
+        # Stripe sends with it (a changed default) tells.
+        return "not a portal customer"
+    return refresh_customer(organization_id, seen_at=event["created"])
+
+
+@handler("customer.deleted")
+def customer_deleted(event: dict) -> str:
+    """Deleted in Stripe's dashboard: the organization's drafts went with it. Sync its
+    open and closing invoices now; the sync creates the customer and drafts again."""
+    from portal.billing.customers import organization_of_customer
     from portal.billing.sync_queue import enqueue_sync
 
-    customer = event["data"]["object"].get("customer")
-    invoice_id = db.session.scalar(
-        select(Invoice.id).join(Organization, Organization.id == Invoice.organization_id)
-        .where(Organization.stripe_customer_id == customer, Invoice.status == "open")
-    )
-    if invoice_id is None:
-        return "no open invoice for this customer"
+    organization_id = organization_of_customer(event["data"]["object"].get("id"))
+    if organization_id is None:
+        return "not a portal customer (or already replaced)"
+    invoice_ids = list(db.session.scalars(select(Invoice.id).where(
+        Invoice.organization_id == organization_id, Invoice.status.in_(("open", "closing")))))
     db.session.commit()
-    return f"final sync queued: {enqueue_sync(invoice_id, trigger='webhook')}"
+    return "syncs queued: " + ", ".join(f"{i} ({enqueue_sync(i, trigger='webhook')})" for i in invoice_ids)

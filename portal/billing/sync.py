@@ -5,10 +5,17 @@ number of workers:
 
 1. It holds the invoice's Redis lock (owner + lease), so two runs never have
    requests in flight for one invoice; a run that cannot get it records `locked`.
-2. It ensures the Stripe customer and the Stripe draft (`auto_advance=false`,
-   pending items excluded, `automatically_finalizes_at` a little after the period
-   end, portal ids in metadata), adopting ones a crashed run created (by metadata)
-   instead of creating them twice.
+2. It ensures the Stripe customer and the Stripe draft, adopting ones a crashed run
+   created (by metadata) instead of creating them twice. The draft is created with
+   `auto_advance=true` and `automatically_finalizes_at` a little after the period end
+   in the same call (pending items excluded, portal ids in metadata): Stripe
+   schedules a finalization only on auto-advancing drafts, and an auto-advancing
+   draft without a time is finalized an hour after creation, so the two are never
+   sent apart. Every run checks the schedule Stripe reports and repairs it when it
+   is missing or no longer matches the period's end (a close that ended the period
+   early, an edit in the dashboard). A draft or customer that disappeared at Stripe
+   (deleted in the dashboard, another Stripe account) is created again and the run
+   goes on; the run's note says so for support.
 3. It reads the Stripe invoice and all its lines, matches them to the portal's lines
    (`portal.billing.lines`) by the portal key kept in each line's metadata, and
    adds, updates and removes only what differs, with the bulk line operations in
@@ -29,7 +36,7 @@ import hashlib
 import json
 import traceback
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import selectinload
@@ -105,15 +112,39 @@ def plan_changes(invoice_id: int, desired: list[StripeLine], current: list) -> P
     return plan
 
 
+def _schedule_ok(draft, period_end: datetime) -> bool:
+    """The draft finalizes on its own, and not before the period's end (plus grace) nor
+    later than that counted from now (a period that ended early moves it earlier)."""
+    when = getattr(draft, "automatically_finalizes_at", None)
+    if not getattr(draft, "auto_advance", False) or not when:
+        return False
+    grace, now = AUTO_FINALIZE_GRACE.total_seconds(), utcnow().timestamp()
+    earliest = int(period_end.timestamp() + grace)  # as _finalizes_at() rounds
+    latest = max(earliest, int(now + grace))
+    return (when >= earliest or earliest <= now) and when <= latest + 1
+
+
+def _test_payment_method() -> str | None:
+    """STRIPE_TEST_PAYMENT_METHOD, only ever with a test-mode key."""
+    from flask import current_app
+
+    method = current_app.config.get("STRIPE_TEST_PAYMENT_METHOD")
+    if method and not str(current_app.config.get("STRIPE_API_KEY") or "").startswith(("sk_test_", "rk_test_")):
+        raise StripeNotConfigured("STRIPE_TEST_PAYMENT_METHOD is only allowed with a Stripe test-mode key")
+    return method
+
+
 def _metadata(stripe_object) -> dict:
     metadata = getattr(stripe_object, "metadata", None)
     return metadata.to_dict() if metadata is not None else {}
 
 
 def idempotency_key(invoice: Invoice, operation: str, payload: object) -> str:
-    """Derived from what is written (and the invoice's salt), so a rerun of the same
-    write reuses its key and a changed write gets a new one."""
-    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:40]
+    """Derived from what is written, and where (the Stripe draft: a draft created again
+    after Stripe lost the first takes the same lines as new writes), and the invoice's
+    salt, so a rerun of the same write reuses its key and a changed write gets a new one."""
+    target = {"stripe_invoice": invoice.stripe_invoice_id, "payload": payload}
+    digest = hashlib.sha256(json.dumps(target, sort_keys=True, default=str).encode()).hexdigest()[:40]
     return f"portal-invoice-{invoice.id}-s{invoice.stripe_key_salt}-{operation}-{digest}"
 
 
@@ -139,6 +170,8 @@ class _Run:
         self.stripe = stripe
         self.counts = {"created": 0, "updated": 0, "deleted": 0, "unchanged": 0}
 
+        self.notes: list[str] = []
+
     def execute(self) -> str:
         seq = self.invoice.change_seq
         desired = stripe_lines(self.invoice.items)
@@ -149,8 +182,8 @@ class _Run:
             if fresh and round_ == 0:
                 current = []  # created by this run: it has no lines yet
             else:
-                self._check_still_draft()
-                current = self.stripe.invoice_lines(self.invoice.stripe_invoice_id)
+                fresh = self._check_draft()
+                current = [] if fresh else self.stripe.invoice_lines(self.invoice.stripe_invoice_id)
             plan = plan_changes(self.invoice.id, desired, current)
             self.counts["unchanged"] = plan.unchanged
             try:
@@ -169,13 +202,15 @@ class _Run:
 
     # --- Stripe objects ------------------------------------------------------------
 
-    def _ensure_customer(self) -> None:
+    def _ensure_customer(self, replacing: str | None = None) -> None:
+        """Make sure the organization has a Stripe customer; `replacing` names one that
+        was deleted at Stripe and must be created again."""
         organization = self.organization
-        if organization.stripe_customer_id:
+        if organization.stripe_customer_id and organization.stripe_customer_id != replacing:
             return
         # A run that crashed after creating the customer left it behind: adopt it.
         for customer in self.stripe.customers_by_email(organization.billing_email):
-            if _metadata(customer).get("portal_organization_id") == str(organization.id):
+            if customer.id != replacing and _metadata(customer).get("portal_organization_id") == str(organization.id):
                 organization.stripe_customer_id = customer.id
                 db.session.commit()
                 return
@@ -184,30 +219,41 @@ class _Run:
             "email": organization.billing_email,
             "metadata": {"portal_organization_id": str(organization.id), "portal_slug": organization.slug},
         }
-        digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:40]
+        test_method = _test_payment_method()
+        if test_method:
+            params["payment_method"] = test_method
+            params["invoice_settings"] = {"default_payment_method": test_method}
+        # Creating it again after a deletion is a new write, never a replay of the first.
+        params_key = {**params, "replaces": replacing or ""}
+        digest = hashlib.sha256(json.dumps(params_key, sort_keys=True).encode()).hexdigest()[:40]
         customer = self.stripe.create_customer(params, key=f"portal-organization-{organization.id}-customer-{digest}")
         organization.stripe_customer_id = customer.id
         db.session.commit()
+        from portal.billing.customers import apply_stripe_customer
 
-    def _ensure_draft(self) -> bool:
-        """Make sure the Stripe draft exists; True if this run created it."""
+        apply_stripe_customer(organization.id, customer, seen_at=None)
+
+    def _ensure_draft(self, replacing: str | None = None) -> bool:
+        """Make sure the Stripe draft exists; True if this run created it. `replacing`
+        names a draft Stripe lost (deleted, or its customer deleted): it is created again."""
         invoice = self.invoice
-        if invoice.stripe_invoice_id:
+        if invoice.stripe_invoice_id and invoice.stripe_invoice_id != replacing:
             return False
         # A run that crashed after creating the draft left it behind: adopt it.
         for draft in self.stripe.draft_invoices_of(self.organization.stripe_customer_id):
-            if _metadata(draft).get("portal_invoice_id") == str(invoice.id):
+            if draft.id != replacing and _metadata(draft).get("portal_invoice_id") == str(invoice.id):
                 invoice.stripe_invoice_id = draft.id
                 db.session.commit()
                 return False
-        now = utcnow()
-        finalizes_at = max(invoice.period_end + AUTO_FINALIZE_GRACE, now + AUTO_FINALIZE_GRACE)
+        finalizes_at = self._finalizes_at()
         params = {
             "customer": self.organization.stripe_customer_id,
-            "auto_advance": False,
+            # Both in one call: Stripe schedules a finalization only on an auto-advancing
+            # draft, and finalizes one without a time an hour after creating it.
+            "auto_advance": True,
+            "automatically_finalizes_at": finalizes_at,
             "collection_method": "charge_automatically",
             "pending_invoice_items_behavior": "exclude",
-            "automatically_finalizes_at": int(finalizes_at.timestamp()),
             "currency": invoice.currency,
             "description": f"{self.organization.name}: usage from {invoice.period_start:%Y-%m-%d} "
                            f"to {invoice.period_end:%Y-%m-%d}",
@@ -218,22 +264,53 @@ class _Run:
                 "period_end": invoice.period_end.isoformat(),
             },
         }
-        # The key leaves out the time-dependent field, so a rerun reuses it.
-        key_payload = {k: v for k, v in params.items() if k != "automatically_finalizes_at"}
+        # Creating it again after Stripe lost it is a new write, never a replay of the first.
+        key_payload = {**params, "replaces": replacing or ""}
         draft = self.stripe.create_invoice(params, key=idempotency_key(invoice, "create", key_payload))
         invoice.stripe_invoice_id = draft.id
         db.session.commit()
+        if not _schedule_ok(draft, invoice.period_end):
+            self._set_schedule(draft.id, "Stripe created the draft without its finalization schedule")
         return True
 
-    def _check_still_draft(self) -> None:
+    def _finalizes_at(self) -> int:
+        """When Stripe is to finalize the draft should the portal's close never run: a
+        little after the period's end, and never sooner than that from now."""
+        return int(max(self.invoice.period_end, utcnow()).timestamp() + AUTO_FINALIZE_GRACE.total_seconds())
+
+    def _set_schedule(self, stripe_id: str, why: str) -> None:
+        """Give the draft `auto_advance=true` and its finalization time, always together."""
+        finalizes_at = self._finalizes_at()
+        params = {"auto_advance": True, "automatically_finalizes_at": finalizes_at}
+        draft = self.stripe.update_invoice(stripe_id, params,
+                                           key=idempotency_key(self.invoice, f"schedule-{stripe_id}", params))
+        if not (draft.auto_advance and draft.automatically_finalizes_at == finalizes_at):
+            raise SyncStopped("schedule_not_set", f"{why}; Stripe did not take auto_advance with "
+                                                  f"automatically_finalizes_at={finalizes_at}")
+        self.notes.append(f"{why}: finalization scheduled for {finalizes_at}")
+
+    def _check_draft(self) -> bool:
+        """Read the Stripe draft: create it again if Stripe lost it (True: it has no lines
+        yet), stop if it is no longer a draft, repair its finalization schedule."""
+        stripe_id = self.invoice.stripe_invoice_id
         try:
-            stripe_invoice = self.stripe.retrieve_invoice(self.invoice.stripe_invoice_id)
+            draft = self.stripe.retrieve_invoice(stripe_id, expand=["customer"])
         except StripeObjectMissing:
-            raise SyncStopped("stripe_invoice_deleted") from None
-        if getattr(stripe_invoice, "deleted", False):
-            raise SyncStopped("stripe_invoice_deleted")
-        if stripe_invoice.status != "draft":
-            raise SyncStopped("stripe_invoice_finalized", f"Stripe invoice is {stripe_invoice.status}")
+            draft = None
+        if draft is None or getattr(draft, "deleted", False):
+            self.notes.append(f"Stripe draft {stripe_id} was deleted at Stripe; created it again")
+            return self._ensure_draft(replacing=stripe_id)
+        customer = draft.customer
+        if getattr(customer, "deleted", False):
+            self.notes.append(f"Stripe customer {customer.id} was deleted at Stripe; created it again "
+                              f"with a new draft in place of {stripe_id}")
+            self._ensure_customer(replacing=customer.id)
+            return self._ensure_draft(replacing=stripe_id)
+        if draft.status != "draft":
+            raise SyncStopped("stripe_invoice_finalized", f"Stripe invoice is {draft.status}")
+        if not _schedule_ok(draft, self.invoice.period_end):
+            self._set_schedule(stripe_id, "The draft's finalization schedule was missing or out of date")
+        return False
 
     # --- writes --------------------------------------------------------------------
 
@@ -257,7 +334,7 @@ class _Run:
                 self.counts["created"] += len(chunk)
                 total = result.total
         except InvoiceNotEditable:
-            self._check_still_draft()
+            self._check_draft()  # says why: finalized (or deleted) meanwhile
             raise
         return total
 
@@ -324,7 +401,7 @@ def _sync_locked(invoice_id: int, record: SyncRun, stripe: StripeGateway | None)
             outcome, error = run.execute(), None
         except SyncStopped as stop:
             outcome, error = stop.outcome, str(stop)
-            if stop.outcome in ("stripe_invoice_finalized", "stripe_invoice_deleted"):
+            if stop.outcome == "stripe_invoice_finalized":
                 _block(invoice_id, stop.outcome)
         except StripeUnavailable as failure:
             outcome, error = "stripe_unavailable", str(failure)
@@ -333,9 +410,9 @@ def _sync_locked(invoice_id: int, record: SyncRun, stripe: StripeGateway | None)
         except TooManyLines as failure:
             outcome, error = "too_many_lines", str(failure)
         except Exception:
-            _finish(record, "error", traceback.format_exc(limit=5), stripe, run.counts)
+            _finish(record, "error", traceback.format_exc(limit=5), stripe, run.counts, run.notes)
             raise
-        return _finish(record, outcome, error, stripe, run.counts)
+        return _finish(record, outcome, error, stripe, run.counts, run.notes)
 
 
 def _block(invoice_id: int, reason: str) -> None:
@@ -346,11 +423,12 @@ def _block(invoice_id: int, reason: str) -> None:
 
 
 def _finish(record: SyncRun, outcome: str, error: str | None, stripe: StripeGateway | None = None,
-            counts: dict | None = None) -> SyncRun:
+            counts: dict | None = None, notes: list[str] | None = None) -> SyncRun:
     db.session.rollback()  # whatever a failed step left half-done is not ours to keep
     record = db.session.merge(record)
     record.outcome = outcome
     record.error = error
+    record.note = "; ".join(notes) if notes else None
     record.finished_at = utcnow()
     for name, value in (counts or {}).items():
         setattr(record, name, value)

@@ -5,8 +5,22 @@ customer's click: it creates a short-lived portal session and hands back its URL
 """
 from __future__ import annotations
 
-from portal.models import Organization
-from portal.stripe_gateway import StripeFailure, StripeNotConfigured, gateway
+from flask import current_app
+
+from portal.extensions import db
+from portal.models import AuditEntry, Organization
+from portal.stripe_gateway import (
+    StripeFailure,
+    StripeNotConfigured,
+    StripeObjectMissing,
+    StripeRejected,
+    StripeUnavailable,
+    gateway,
+)
+
+# Recorded (and listed for support on the discrepancies page) when Stripe refuses to
+# open its customer portal: a setting only an operator can fix.
+PORTAL_REFUSED = "stripe.customer_portal_refused"
 
 
 class PaymentPortalUnavailable(Exception):
@@ -20,13 +34,30 @@ def payment_portal_url(organization: Organization, return_url: str) -> str:
             "Payment methods can be managed once your billing account exists at Stripe; "
             "it is set up with your first invoice. Please try again later."
         )
+    configuration = current_app.config.get("STRIPE_PORTAL_CONFIGURATION")
     try:
-        session = gateway().create_portal_session(organization.stripe_customer_id, return_url)
+        session = gateway().create_portal_session(organization.stripe_customer_id, return_url, configuration)
     except StripeNotConfigured:
         raise PaymentPortalUnavailable(
             "Payment methods cannot be managed here yet: this portal is not connected to Stripe."
         ) from None
-    except StripeFailure:
+    except (StripeRejected, StripeObjectMissing) as refused:
+        if isinstance(refused, StripeObjectMissing) and "configuration" not in str(refused):
+            raise PaymentPortalUnavailable(  # the customer itself is being set up again
+                "Stripe could not open the payment methods page just now. Please try again in a minute."
+            ) from None
+        # Not transient: Stripe has no customer-portal configuration to use (none saved
+        # as the default in the Dashboard, or STRIPE_PORTAL_CONFIGURATION names a wrong
+        # one). Support is told; the customer is not asked to retry.
+        db.session.add(AuditEntry(actor="portal", action=PORTAL_REFUSED, object_type="organization",
+                                  object_id=str(organization.id),
+                                  details={"configuration": configuration, "stripe": str(refused)[:1000]}))
+        db.session.commit()
+        raise PaymentPortalUnavailable(
+            "Payment methods can't be managed online right now because of a setting on our side. "
+            "Our support team has been told and will fix it; your current payment method keeps working."
+        ) from None
+    except (StripeUnavailable, StripeFailure):
         raise PaymentPortalUnavailable(
             "Stripe could not open the payment methods page just now. Please try again in a minute."
         ) from None

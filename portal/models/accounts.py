@@ -4,7 +4,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from flask_login import UserMixin
-from sqlalchemy import Boolean, CheckConstraint, ForeignKey, Integer, String
+from sqlalchemy import BigInteger, Boolean, CheckConstraint, ForeignKey, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 from werkzeug.security import check_password_hash, generate_password_hash
 
@@ -27,6 +27,12 @@ class Organization(db.Model):
     # Day of the month a billing cycle starts; 29-31 fall back to a short month's last day.
     cycle_anchor_day: Mapped[int] = mapped_column(Integer, default=1)
     stripe_customer_id: Mapped[str | None] = mapped_column(String(255), unique=True)
+    # The Stripe customer's default payment method ("visa •••• 4242"), None when it
+    # has none, and its balance (positive: owed, collected with the next invoice),
+    # as the latest customer event re-read from Stripe said (`created` of that event).
+    payment_method: Mapped[str | None] = mapped_column(String(120))
+    stripe_balance_cents: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    stripe_customer_seen_at: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     memberships: Mapped[list[Membership]] = relationship(back_populates="organization")

@@ -81,6 +81,18 @@ class Invoice(db.Model):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     finalized_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     paid_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Collection, as Stripe last reported it (re-read on every invoice event).
+    amount_due_cents: Mapped[int | None] = mapped_column(BigInteger)
+    amount_paid_cents: Mapped[int | None] = mapped_column(BigInteger)
+    # Not charged (below Stripe's minimum charge) and added to the customer's balance
+    # instead, which Stripe collects with a later invoice.
+    carried_to_balance_cents: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    payment_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    next_payment_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # None, "payment_failed" or "action_required" (the customer must confirm the payment).
+    payment_problem: Mapped[str | None] = mapped_column(String(32))
+    # Stripe could not finalize the draft on its own (`invoice.finalization_failed`).
+    finalization_error: Mapped[str | None] = mapped_column(Text)
 
     organization: Mapped[Organization] = relationship()
     items: Mapped[list[InvoiceItem]] = relationship(
@@ -90,6 +102,11 @@ class Invoice(db.Model):
     @property
     def has_unsynced_changes(self) -> bool:
         return self.change_seq > self.synced_seq
+
+    @property
+    def past_due(self) -> bool:
+        """Finalized, not paid, and Stripe's attempt to collect it failed."""
+        return self.status == "finalized" and (self.payment_attempts > 0 or self.payment_problem is not None)
 
     def __repr__(self) -> str:
         return f"<Invoice {self.id} org={self.organization_id} {self.status}>"
@@ -148,6 +165,8 @@ class SyncRun(db.Model):
     stripe_reads: Mapped[int] = mapped_column(Integer, default=0)
     stripe_writes: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
+    # What support should know though the run succeeded (an object recreated at Stripe).
+    note: Mapped[str | None] = mapped_column(Text)
 
     invoice: Mapped[Invoice] = relationship()
 

@@ -47,6 +47,19 @@ def customer(client):
 
 
 @pytest.fixture
+def paying_customer(client):
+    """A customer whose default payment method is Stripe's test Visa (pm_card_visa)."""
+    return client.v1.customers.create(
+        {
+            "name": "Paying Ltd",
+            "email": "billing@paying.test",
+            "payment_method": "pm_card_visa",
+            "invoice_settings": {"default_payment_method": "pm_card_visa"},
+        }
+    )
+
+
+@pytest.fixture
 def draft(client, customer):
     return client.v1.invoices.create(
         {"customer": customer.id, "auto_advance": False, "pending_invoice_items_behavior": "exclude"}

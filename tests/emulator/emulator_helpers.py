@@ -70,3 +70,42 @@ class Receiver:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def raw_request(emulator, method: str, path: str, body: str | None = None, headers: dict | None = None):
+    """One HTTP request straight to the emulator (no stripe library): returns
+    ``(status, headers, parsed JSON body or text)``."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(emulator.url + path, data=body.encode() if body else None, method=method)
+    req.add_header("Authorization", f"Bearer {emulator.api_key}")
+    if body:
+        req.add_header("Content-Type", "application/x-www-form-urlencoded")
+    for k, v in (headers or {}).items():
+        req.add_header(k, v)
+    try:
+        with urllib.request.urlopen(req) as r:
+            status, hdrs, data = r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        status, hdrs, data = e.code, dict(e.headers), e.read()
+    try:
+        return status, hdrs, json.loads(data)
+    except ValueError:
+        return status, hdrs, data.decode()
+
+
+def event_types(client, **params) -> list[str]:
+    """Types of the events so far, oldest first."""
+    events = client.v1.events.list({"limit": 100, **params}).auto_paging_iter()
+    return [e.type for e in reversed(list(events))]
+
+
+def draft_with(client, customer, amount: int = 1000, **invoice_params):
+    """A draft invoice of ``customer`` with one item of ``amount``."""
+    inv = client.v1.invoices.create({"customer": customer.id, **invoice_params})
+    client.v1.invoice_items.create({"customer": customer.id, "invoice": inv.id, "amount": amount})
+    return client.v1.invoices.retrieve(inv.id)
+
+
+DAY = 86400

@@ -74,6 +74,7 @@ def _missing(ours: dict, fixture_name: str) -> set:
 
 
 def test_objects_carry_every_fixture_field(client, customer, draft, ctl):
+    ctl.set_portal_default_configuration(True)
     item = client.v1.invoice_items.create({"customer": customer.id, "invoice": draft.id, "amount": 100})
     inv = client.v1.invoices.retrieve(draft.id).to_dict()
     cus = client.v1.customers.retrieve(customer.id).to_dict()

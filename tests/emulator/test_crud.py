@@ -124,9 +124,11 @@ def test_invoice_lines_list_and_paging(client, customer, draft):
     assert inv.total == sum(range(1, 13))
 
 
-def test_billing_portal_session_and_page(client, customer, emulator):
+# Stripe docs: "Create a portal session" (https://docs.stripe.com/api/customer_portal/sessions/create).
+def test_billing_portal_session_and_page(client, customer, emulator, ctl):
     import urllib.request
 
+    ctl.set_portal_default_configuration(True)
     s = client.v1.billing_portal.sessions.create({"customer": customer.id, "return_url": "https://portal.test/billing"})
     assert s.id.startswith("bps_") and s.customer == customer.id and s.return_url == "https://portal.test/billing"
     assert s.url.startswith(emulator.url)

@@ -4,11 +4,14 @@ import time
 
 import pytest
 import stripe
-from emulator_helpers import WEBHOOK_SECRET
+from emulator_helpers import DAY, WEBHOOK_SECRET, draft_with
 
 
 def _flow(client):
-    cus = client.v1.customers.create({"name": "Hooks"}, {"idempotency_key": "cus-hooks"})
+    cus = client.v1.customers.create(
+        {"name": "Hooks", "invoice_settings": {"default_payment_method": "pm_card_visa"}},
+        {"idempotency_key": "cus-hooks"},
+    )
     client.v1.customers.update(cus.id, {"name": "Hooks Inc"})
     inv = client.v1.invoices.create({"customer": cus.id})
     item = client.v1.invoice_items.create({"customer": cus.id, "invoice": inv.id, "amount": 300})
@@ -24,6 +27,7 @@ def test_events_emitted_and_listable(client):
     types = [e.type for e in reversed(events)]
     for expected in [
         "customer.created",
+        "payment_method.attached",
         "customer.updated",
         "invoice.created",
         "invoiceitem.created",
@@ -138,3 +142,39 @@ def test_cli_webhook_flags(receiver):
         emu.control.wait_for_webhooks()
     (ev,) = receiver.ok_events()
     assert ev["type"] == "customer.created"
+
+
+# Stripe docs: "Types of events" (https://docs.stripe.com/api/events/types): payment_method.attached,
+# invoice.payment_failed, invoice.payment_action_required, invoice.finalization_failed,
+# billing_portal.configuration.created, billing_portal.session.created are delivered like any other event;
+# invoice.upcoming "Occurs X number of days before a subscription is scheduled to create an invoice" — there
+# are no subscriptions here, so it never comes.
+def test_new_event_types_are_delivered_and_invoice_upcoming_never_is(client, ctl, receiver):
+    ctl.set_portal_default_configuration(True)
+    plain = client.v1.customers.create({"name": "no card"})
+    client.v1.invoices.finalize_invoice(draft_with(client, plain, 900).id, {"auto_advance": True})
+    auth = client.v1.customers.create(
+        {"invoice_settings": {"default_payment_method": "pm_card_authenticationRequired"}}
+    )
+    client.v1.invoices.finalize_invoice(draft_with(client, auth, 900).id, {"auto_advance": True})
+    gone = client.v1.customers.create({"name": "gone"})
+    draft_with(client, gone, 900, auto_advance=True)
+    client.v1.customers.delete(gone.id)
+    client.v1.billing_portal.configurations.create({"features": {"invoice_history": {"enabled": True}}})
+    client.v1.billing_portal.sessions.create({"customer": plain.id})
+    ctl.advance_clock(40 * DAY)
+    st = ctl.wait_for_webhooks()
+    assert st["pending"] == 0
+    delivered = {e["type"] for e in receiver.ok_events()}
+    assert {
+        "payment_method.attached",
+        "invoice.payment_failed",
+        "invoice.payment_action_required",
+        "invoice.finalization_failed",
+        "billing_portal.configuration.created",
+        "billing_portal.session.created",
+    } <= delivered
+    listed = {e.id for e in client.v1.events.list({"limit": 100}).auto_paging_iter()}
+    assert listed == {e["id"] for e in receiver.ok_events()}
+    assert "invoice.upcoming" not in delivered
+    assert client.v1.events.list({"type": "invoice.upcoming"}).data == []

@@ -5,13 +5,35 @@ import time
 
 import pytest
 import stripe
-from emulator_helpers import make_client
+from emulator_helpers import make_client, raw_request
 
 
 def _create(client, customer, key, amount=100, **kw):
     return client.v1.invoice_items.create({"customer": customer.id, "amount": amount, **kw}, {"idempotency_key": key})
 
 
+# Stripe docs: "Idempotent requests" (https://docs.stripe.com/api/idempotent_requests): the saved response is
+# returned for a retry with the same key; replays carry `Idempotent-Replayed: true`.
+def test_replayed_responses_carry_the_idempotent_replayed_header(emulator, customer, ctl):
+    body = f"customer={customer.id}&amount=250"
+    status, first_headers, first = raw_request(emulator, "POST", "/v1/invoiceitems", body, {"Idempotency-Key": "hdr-1"})
+    assert status == 200 and first_headers.get("Idempotent-Replayed") in (None, "false")
+    status, headers, again = raw_request(emulator, "POST", "/v1/invoiceitems", body, {"Idempotency-Key": "hdr-1"})
+    assert status == 200 and headers["Idempotent-Replayed"] == "true" and again == first
+    assert headers["Original-Request"] == first_headers["request-id"] != headers["request-id"]
+    # a stored error is replayed with the header too
+    bad = "customer=cus_missing&amount=1"
+    status, h1, e1 = raw_request(emulator, "POST", "/v1/invoiceitems", bad, {"Idempotency-Key": "hdr-2"})
+    status2, h2, e2 = raw_request(emulator, "POST", "/v1/invoiceitems", bad, {"Idempotency-Key": "hdr-2"})
+    assert status == status2 == 404 and e1 == e2 and h2["Idempotent-Replayed"] == "true"
+    assert h1.get("Idempotent-Replayed") is None
+    # without a key, never
+    status, headers, _ = raw_request(emulator, "POST", "/v1/invoiceitems", body)
+    assert status == 200 and "Idempotent-Replayed" not in headers
+
+
+# Stripe docs: "Idempotent requests" (https://docs.stripe.com/api/idempotent_requests), through the library:
+# the raw response headers are on `last_response`.
 def test_replay_same_params(client, customer, ctl):
     a = _create(client, customer, "item-1-v1")
     b = _create(client, customer, "item-1-v1")
@@ -61,7 +83,9 @@ def test_validation_errors_and_429_are_not_stored(client, customer, ctl):
     assert len(client.v1.invoice_items.list().data) == 2
 
 
-def test_card_error_is_stored_and_replayed(client, customer, ctl):
+# Stripe docs: "Idempotent requests": Stripe saves the result "regardless of whether it succeeds or fails".
+def test_card_error_is_stored_and_replayed(client, paying_customer, ctl):
+    customer = paying_customer
     ctl.fail_payments_for(customer.id)
     inv = client.v1.invoices.create({"customer": customer.id})
     client.v1.invoice_items.create({"customer": customer.id, "invoice": inv.id, "amount": 500})

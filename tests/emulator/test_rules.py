@@ -120,31 +120,44 @@ def test_pending_invoice_items_behavior(client, customer):
     assert client.v1.invoice_items.list({"pending": True}).data == []
 
 
+# Stripe docs: "Schedule invoice finalization" (https://docs.stripe.com/invoicing/scheduled-finalization):
+# a finalization time needs auto_advance; "Automatic invoice advancement"
+# (https://docs.stripe.com/invoicing/integration/automatic-advancement-collection): auto-advancing drafts are
+# finalized about an hour after creation and payment is attempted about an hour later.
 def test_auto_finalize_by_clock(client, customer, ctl):
     now = ctl.now()
-    inv = client.v1.invoices.create({"customer": customer.id, "automatically_finalizes_at": now + 7200})
-    _item(client, customer, inv, amount=900)
+    ignored = client.v1.invoices.create({"customer": customer.id, "automatically_finalizes_at": now + 7200})
+    _item(client, customer, ignored, amount=900)
+    timed = client.v1.invoices.create(
+        {"customer": customer.id, "auto_advance": True, "automatically_finalizes_at": now + 7200}
+    )
+    _item(client, customer, timed, amount=600)
     auto = client.v1.invoices.create({"customer": customer.id, "auto_advance": True})
     _item(client, customer, auto, amount=500)
     manual = client.v1.invoices.create({"customer": customer.id, "auto_advance": False})
     _item(client, customer, manual, amount=700)
-    assert inv.automatically_finalizes_at == now + 7200
-    assert auto.automatically_finalizes_at is not None and manual.automatically_finalizes_at is None
+    assert ignored.automatically_finalizes_at is None and timed.automatically_finalizes_at == now + 7200
+    assert auto.automatically_finalizes_at == auto.created + 3600 and manual.automatically_finalizes_at is None
     ctl.advance_clock(3700)
-    assert client.v1.invoices.retrieve(inv.id).status == "draft"
     a = client.v1.invoices.retrieve(auto.id)
-    assert a.status == "paid" and a.amount_paid == 500  # auto_advance: finalized, then charged
+    assert a.status == "open" and a.next_payment_attempt == auto.created + 7200  # charged an hour later
+    assert client.v1.invoices.retrieve(timed.id).status == "draft"
     ctl.advance_clock(3600)
-    f = client.v1.invoices.retrieve(inv.id)
-    assert f.status == "open" and f.number and f.automatically_finalizes_at is None  # no auto_advance: not charged
-    assert client.v1.invoices.retrieve(manual.id).status == "draft"
+    assert client.v1.invoices.retrieve(timed.id).status == "open"
+    a = client.v1.invoices.retrieve(auto.id)
+    assert a.status == "open" and a.attempt_count == 1  # no payment method: the attempt failed
+    for inv in (ignored, manual):
+        assert client.v1.invoices.retrieve(inv.id).status == "draft"
     types = [e.type for e in client.v1.events.list({"limit": 100}).data]
-    assert types.count("invoice.finalized") == 2 and "invoice.paid" in types
+    assert types.count("invoice.finalized") == 2 and "invoice.payment_failed" in types
     with pytest.raises(stripe.InvalidRequestError):
         client.v1.invoices.create({"customer": customer.id, "automatically_finalizes_at": ctl.now() - 10})
 
 
-def test_pay_success_and_failure(client, customer, ctl):
+# Stripe docs: "Pay an invoice" (https://docs.stripe.com/api/invoices/pay) and "Testing"
+# (https://docs.stripe.com/testing): pm_card_visa pays; a customer made to fail gets a 402 card_error.
+def test_pay_success_and_failure(client, paying_customer, ctl):
+    customer = paying_customer
     inv = client.v1.invoices.create({"customer": customer.id})
     _item(client, customer, inv, amount=1500)
     client.v1.invoices.finalize_invoice(inv.id)
@@ -154,7 +167,9 @@ def test_pay_success_and_failure(client, customer, ctl):
     with pytest.raises(stripe.InvalidRequestError):
         client.v1.invoices.pay(inv.id)
 
-    bad = client.v1.customers.create({"name": "Declines"})
+    bad = client.v1.customers.create(
+        {"name": "Declines", "invoice_settings": {"default_payment_method": "pm_card_visa"}}
+    )
     ctl.fail_payments_for(bad.id)
     inv2 = client.v1.invoices.create({"customer": bad.id})
     _item(client, bad, inv2, amount=900)
