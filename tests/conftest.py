@@ -137,8 +137,9 @@ class LiveServer:
 
 
 @pytest.fixture
-def live_server(app, database_uri, redis_url, tmp_path):
-    """The portal served by gunicorn (several worker processes) on the test database."""
+def live_server(request, app, database_uri, redis_url, tmp_path):
+    """The portal served by gunicorn (several worker processes) on the test database;
+    billing against the emulator when the test also uses `stripe_emulator`."""
     import subprocess
     import sys
     import time
@@ -151,6 +152,9 @@ def live_server(app, database_uri, redis_url, tmp_path):
 
     env = {**os.environ, "DATABASE_URL": database_uri, "REDIS_URL": redis_url, "SECRET_KEY": "live-test",
            "PORTAL_API_TOKENS": "test-token", "STRIPE_WEBHOOK_SECRET": SECRET}
+    if "stripe_emulator" in request.fixturenames:
+        emulator = request.getfixturevalue("stripe_emulator")
+        env.update(STRIPE_API_KEY=emulator.api_key, STRIPE_API_BASE=emulator.url)
     root = Path(__file__).resolve().parent.parent
     log = (tmp_path / "gunicorn.log").open("w")
     process = subprocess.Popen(

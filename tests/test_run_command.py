@@ -1,6 +1,7 @@
 """The README's run command: everything up with demo data, and Ctrl-C leaves nothing."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -68,6 +69,15 @@ def test_run_command_serves_demo_and_ctrl_c_stops_every_child(tmp_path):
                                          headers={"Authorization": "Bearer sk_test_emulator"})
         with urllib.request.urlopen(request, timeout=5) as response:
             assert response.status == 200
+        # The periodic sweep creates the demo's Stripe customers, each with Stripe's test
+        # Visa card as its default payment method, so the demo's invoices get paid.
+        customers: list = []
+        while time.monotonic() < deadline + 60 and len(customers) < 2:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                customers = json.loads(response.read())["data"]
+            time.sleep(0.5)
+        assert len(customers) == 2, customers
+        assert all(c["invoice_settings"]["default_payment_method"] for c in customers), customers
         spawned = _descendants(process.pid)
         assert len(spawned) >= 5  # redis, Stripe emulator, worker, scheduler, web (and their children)
         process.send_signal(signal.SIGINT)

@@ -54,3 +54,59 @@ def test_member_signs_in_and_sees_the_current_invoice_total(db, make, live_serve
         current = page.locator("#current-invoice")
         assert current.locator("tfoot .total").inner_text().strip() == "$20.11"
         assert "web-1" in current.inner_text() and "worker-1" in current.inner_text()
+
+
+def _process_stripe_events(app, emulator, db) -> None:
+    """Let Stripe deliver its webhooks to the live portal, then run the queued jobs."""
+    from rq import Queue, SimpleWorker
+
+    from jobs.app import use_app
+    from portal.queue import redis_connection
+
+    emulator.control.wait_for_webhooks(timeout=15)
+    use_app(app)
+    db.session.commit()
+    SimpleWorker([Queue("webhooks", connection=redis_connection())], connection=redis_connection()).work(burst=True)
+
+
+def test_owner_adds_a_card_at_stripe_and_the_warning_goes(db, app, make, live_server, stripe_emulator, tmp_path):
+    """The whole way a customer fixes "no payment method": the warning on the billing
+    page, Stripe's customer portal (the emulator's page), a test card, back to the
+    portal, which learns of the card from Stripe's webhook."""
+    from portal.billing.sync import sync_invoice
+    from tests.webhook_helpers import SECRET
+
+    stripe_emulator.control.set_portal_default_configuration(True)
+    stripe_emulator.control.configure_webhooks(url=live_server.url + "/webhooks/stripe", secret=SECRET,
+                                               retry_base_seconds=0.05)
+    organization = make.organization(name="Initech", slug="initech")
+    cpu = make.product("machines.shared-cpu-1x", unit_price="0.0011", name="Shared CPU", unit="second")
+    invoice = make.open_invoice(organization)
+    add_quantity(invoice, cpu, "web-1", Decimal("1728000"))
+    make.user("owner@example.com", "browser-pass-1", organization=organization, role="owner")
+    db.session.commit()
+    assert sync_invoice(invoice.id).outcome == "synced"  # the Stripe customer exists, without a card
+    _process_stripe_events(app, stripe_emulator, db)
+
+    with chromium_page() as page:
+        page.set_viewport_size({"width": 390, "height": 844})  # a phone
+        page.goto(f"{live_server.url}/login")
+        page.get_by_label("Email").fill("owner@example.com")
+        page.get_by_label("Password").fill("browser-pass-1")
+        page.get_by_role("button", name="Sign in").click()
+        page.wait_for_url(f"{live_server.url}/orgs/initech/billing")
+        assert page.locator("#no-payment-method").is_visible()
+        page.screenshot(path=str(tmp_path / "billing-no-card.png"), full_page=True)
+
+        page.get_by_role("button", name="Manage payment methods").click()
+        page.wait_for_url(f"{stripe_emulator.url}/p/session/**")
+        assert "No default payment method" in page.locator("#default-card").inner_text()
+        page.get_by_role("button", name="Add Visa •••• 4242").click()
+        page.wait_for_selector("#default-card:has-text('4242')")
+        _process_stripe_events(app, stripe_emulator, db)
+        page.locator("#return").click()
+        page.wait_for_url(f"{live_server.url}/orgs/initech/billing")
+        assert page.locator("#no-payment-method").count() == 0
+        assert "visa •••• 4242" in page.locator("#payment-methods").inner_text()
+        page.screenshot(path=str(tmp_path / "billing-with-card.png"), full_page=True)
+    stripe_emulator.control.configure_webhooks(url="", secret="")
