@@ -68,7 +68,7 @@ def add_organizations(url: str, first: int, count: int, items: int, synced: bool
         seq = 1
         connection.execute(
             "INSERT INTO invoices (organization_id, period_start, period_end, status, currency, total_cents,"
-            " change_seq, synced_seq, stripe_key_salt, created_at) SELECT id, %s, %s, 'open', 'usd', 0, %s, %s, 0,"
+            " change_seq, synced_seq, created_at) SELECT id, %s, %s, 'open', 'usd', 0, %s, %s,"
             f" now() FROM organizations WHERE slug IN (SELECT 'org-' || n FROM {numbers})",
             (start, end, seq, seq if synced else 0, first, first + count - 1))
         connection.execute(

@@ -107,7 +107,7 @@ def stripe_portal_configuration(return_url: str) -> None:
         "metadata": {"created_by": "portal"},
     }
     try:
-        configuration = gateway().create_portal_configuration(params, key=None)
+        configuration = gateway().create_portal_configuration(params)
     except StripeFailure as failure:
         raise click.ClickException(f"Stripe refused: {failure}") from failure
     click.echo(configuration.id)

@@ -6,11 +6,19 @@ set, e.g. the project's emulator), counts reads and writes, spends every request
 mode and 100 in live mode) from a budget shared by every process through Redis,
 retries what is safe to retry, and maps Stripe's errors to the portal's own:
 
-- network errors, 5xx before any change, 429 `rate_limit` and `lock_timeout`, and
-  anything with `Stripe-Should-Retry: true` are retried with exponential backoff and
-  jitter, with the same idempotency key; when retries run out: `StripeUnavailable`;
+- every write is one attempt with an idempotency key of its own (never derived from
+  what it writes: a write needed again must be applied again, and Stripe answers a
+  known key with its stored response), recorded before the call (`StripeWrite`);
+- network errors, 429 `rate_limit` and `lock_timeout`, 409, and anything with
+  `Stripe-Should-Retry: true` are retried with exponential backoff and jitter, with
+  the attempt's key; when retries run out: `StripeUnavailable`;
 - a 500 on a write is `OutcomeUnknown` at once: Stripe stores the 500 for its
   idempotency key and would replay it, so the caller must reconcile by reading;
+- a response Stripe replayed (`Idempotent-Replayed: true`: a retry of this attempt
+  found it applied) is flagged (`last_write_replayed`): it says what Stripe answered
+  then, not what the invoice is now, so callers re-read before trusting a total;
+- before every write try the lock holder's `fence` runs: a holder that lost the
+  invoice's lock stops there (`LockLost`) and writes nothing;
 - editing a finalized invoice: `InvoiceNotEditable`; a missing object: `StripeObjectMissing`;
   any other refusal: `StripeRejected`.
 
@@ -25,6 +33,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+from uuid import uuid4
 
 import stripe
 from flask import current_app
@@ -35,6 +44,9 @@ MAX_ATTEMPTS = 6
 BACKOFF_BASE_SECONDS = 0.25
 BACKOFF_CAP_SECONDS = 8.0
 LIST_PAGE_SIZE = 100
+# Per request (stripe-python's default is 80 s). With MAX_ATTEMPTS and the backoff, a
+# call gives up within about 2.5 minutes: well inside every job's timeout.
+REQUEST_TIMEOUT_SECONDS = 20
 
 
 class StripeFailure(Exception):
@@ -106,43 +118,69 @@ class RequestBudget:
 class CallCounts:
     reads: int = 0
     writes: int = 0
+    replays: int = 0
+
+
+def new_idempotency_key(operation: str) -> str:
+    """A key for one attempt of one write, never derived from its content: a write
+    needed again (the same correction a second time) must be applied again, and Stripe
+    would answer a known key with the stored response instead (for 24 hours)."""
+    return f"portal-{operation}-{uuid4().hex}"
+
+
+def _replayed(result) -> bool:
+    response = getattr(result, "last_response", None)
+    headers = getattr(response, "headers", None) or {}
+    value = headers.get("Idempotent-Replayed") or headers.get("idempotent-replayed") or ""
+    return str(value).lower() == "true"
 
 
 class StripeGateway:
     def __init__(self, api_key: str, api_base: str | None, budget: RequestBudget | None,
-                 max_attempts: int = MAX_ATTEMPTS, sleep=time.sleep):
+                 max_attempts: int = MAX_ATTEMPTS, sleep=time.sleep, recorder: WriteRecorder | None = None,
+                 timeout_seconds: float = REQUEST_TIMEOUT_SECONDS):
         if not api_key:
             raise StripeNotConfigured("STRIPE_API_KEY is not set")
         self.client = stripe.StripeClient(
             api_key,
             base_addresses={"api": api_base} if api_base else None,
             max_network_retries=0,
+            http_client=stripe.RequestsClient(timeout=timeout_seconds),
         )
         self.budget = budget
         self.max_attempts = max_attempts
         self.sleep = sleep
         self.counts = CallCounts()
+        self.recorder = recorder
+        # Set by the holder of an invoice lock: called before every write try.
+        self.fence = None
+        self.last_write_replayed = False
+        self._tries = 0
 
     # --- the calls -------------------------------------------------------------------
+    # Every write names what it is for (`invoice` / `organization`: the portal's ids)
+    # and gets an idempotency key of its own, recorded before the call (`StripeWrite`).
 
-    def create_customer(self, params: dict, key: str):
-        return self._write(lambda options: self.client.v1.customers.create(params=params, options=options), key)
+    def create_customer(self, params: dict, organization: int | None = None):
+        return self._write("create_customer", lambda options: self.client.v1.customers.create(
+            params=params, options=options), organization=organization)
 
     def customers_by_email(self, email: str) -> Iterator[Any]:
         yield from self._paginate(lambda params: self.client.v1.customers.list(params={**params, "email": email}))
-
-    def create_invoice(self, params: dict, key: str):
-        return self._write(lambda options: self.client.v1.invoices.create(params=params, options=options), key)
-
-    def retrieve_invoice(self, invoice_id: str, expand: list[str] | None = None):
-        params = {"expand": expand} if expand else None
-        return self._read(lambda: self.client.v1.invoices.retrieve(invoice_id, params=params))
 
     def retrieve_customer(self, customer_id: str, expand: bool = True):
         """The customer, with its default payment method expanded (a deleted customer
         reads as a stub with `deleted: true`, which Stripe will not expand)."""
         params = {"expand": ["invoice_settings.default_payment_method"]} if expand else None
         return self._read(lambda: self.client.v1.customers.retrieve(customer_id, params=params))
+
+    def create_invoice(self, params: dict, invoice: int | None = None):
+        return self._write("create_invoice", lambda options: self.client.v1.invoices.create(
+            params=params, options=options), invoice=invoice)
+
+    def retrieve_invoice(self, invoice_id: str, expand: list[str] | None = None):
+        params = {"expand": expand} if expand else None
+        return self._read(lambda: self.client.v1.invoices.retrieve(invoice_id, params=params))
 
     def draft_invoices_of(self, customer_id: str) -> Iterator[Any]:
         yield from self._paginate(
@@ -153,39 +191,39 @@ class StripeGateway:
         return list(self._paginate(
             lambda params: self.client.v1.invoices.line_items.list(invoice_id, params=params)))
 
-    def add_lines(self, invoice_id: str, lines: list[dict], key: str):
-        return self._write(lambda options: self.client.v1.invoices.add_lines(
-            invoice_id, params={"lines": lines}, options=options), key)
+    def add_lines(self, invoice_id: str, lines: list[dict], invoice: int | None = None):
+        return self._write("add_lines", lambda options: self.client.v1.invoices.add_lines(
+            invoice_id, params={"lines": lines}, options=options), invoice=invoice, stripe_object=invoice_id)
 
-    def update_lines(self, invoice_id: str, lines: list[dict], key: str):
-        return self._write(lambda options: self.client.v1.invoices.update_lines(
-            invoice_id, params={"lines": lines}, options=options), key)
+    def update_lines(self, invoice_id: str, lines: list[dict], invoice: int | None = None):
+        return self._write("update_lines", lambda options: self.client.v1.invoices.update_lines(
+            invoice_id, params={"lines": lines}, options=options), invoice=invoice, stripe_object=invoice_id)
 
-    def remove_lines(self, invoice_id: str, line_ids: list[str], key: str):
+    def remove_lines(self, invoice_id: str, line_ids: list[str], invoice: int | None = None):
         lines = [{"id": line_id, "behavior": "delete"} for line_id in line_ids]
-        return self._write(lambda options: self.client.v1.invoices.remove_lines(
-            invoice_id, params={"lines": lines}, options=options), key)
+        return self._write("remove_lines", lambda options: self.client.v1.invoices.remove_lines(
+            invoice_id, params={"lines": lines}, options=options), invoice=invoice, stripe_object=invoice_id)
 
-    def finalize_invoice(self, invoice_id: str, key: str):
-        return self._write(lambda options: self.client.v1.invoices.finalize_invoice(
-            invoice_id, params={"auto_advance": True}, options=options), key)
+    def finalize_invoice(self, invoice_id: str, invoice: int | None = None):
+        return self._write("finalize_invoice", lambda options: self.client.v1.invoices.finalize_invoice(
+            invoice_id, params={"auto_advance": True}, options=options), invoice=invoice, stripe_object=invoice_id)
 
-    def update_invoice(self, invoice_id: str, params: dict, key: str):
-        return self._write(lambda options: self.client.v1.invoices.update(
-            invoice_id, params=params, options=options), key)
+    def update_invoice(self, invoice_id: str, params: dict, invoice: int | None = None):
+        return self._write("update_invoice", lambda options: self.client.v1.invoices.update(
+            invoice_id, params=params, options=options), invoice=invoice, stripe_object=invoice_id)
 
-    def create_portal_session(self, customer_id: str, return_url: str, configuration: str | None = None):
+    def create_portal_session(self, customer_id: str, return_url: str, configuration: str | None = None,
+                              organization: int | None = None):
         params = {"customer": customer_id, "return_url": return_url}
         if configuration:
             params["configuration"] = configuration
-        return self._write(lambda options: self.client.v1.billing_portal.sessions.create(
-            params=params, options=options), None)
+        return self._write("create_portal_session", lambda options: self.client.v1.billing_portal.sessions.create(
+            params=params, options=options), organization=organization, stripe_object=customer_id)
 
-    def create_portal_configuration(self, params: dict, key: str):
-        return self._write(lambda options: self.client.v1.billing_portal.configurations.create(
-            params=params, options=options), key)
-
-    # --- plumbing --------------------------------------------------------------------
+    def create_portal_configuration(self, params: dict):
+        return self._write("create_portal_configuration",
+                           lambda options: self.client.v1.billing_portal.configurations.create(
+                               params=params, options=options))
 
     def _paginate(self, fetch) -> Iterator[Any]:
         params: dict = {"limit": LIST_PAGE_SIZE}
@@ -199,14 +237,46 @@ class StripeGateway:
     def _read(self, call):
         return self._call(call, write=False)
 
-    def _write(self, call, key: str | None):
-        options = {"idempotency_key": key} if key else {}
-        return self._call(lambda: call(options), write=True)
+    def _write(self, operation: str, call, invoice: int | None = None, organization: int | None = None,
+               stripe_object: str | None = None):
+        """One attempt of one write: a new idempotency key, recorded before the call,
+        reused only by this call's own retries (network errors, 429s)."""
+        record = self.recorder.started(operation, invoice, organization, stripe_object) if self.recorder else None
+        key = record.idempotency_key if record else new_idempotency_key(operation)
+        options = {"idempotency_key": key}
+        self.last_write_replayed = False
+        try:
+            result = self._call(lambda: call(options), write=True, fence=True)
+        except OutcomeUnknown as failure:
+            if record:
+                self.recorder.finished(record, "unknown", self._tries, str(failure))
+            raise
+        except StripeFailure as failure:
+            if record:
+                self.recorder.finished(record, "refused", self._tries, str(failure))
+            raise
+        except Exception as error:  # LockLost before the first try, a job timeout...
+            if record:
+                outcome = "not_sent" if self._tries <= 1 and type(error).__name__ == "LockLost" else "unknown"
+                self.recorder.finished(record, outcome, self._tries, f"{type(error).__name__}: {error}")
+            raise
+        # Stripe answered from its idempotency store: an earlier try of this attempt
+        # was applied and its answer lost. That answer is not evidence of the state now.
+        self.last_write_replayed = _replayed(result)
+        if self.last_write_replayed:
+            self.counts.replays += 1
+        if record:
+            self.recorder.finished(record, "replayed" if self.last_write_replayed else "applied", self._tries,
+                                   None, getattr(result, "id", None))
+        return result
 
-    def _call(self, call, write: bool):
+    def _call(self, call, write: bool, fence: bool = False):
         for attempt in range(1, self.max_attempts + 1):
+            self._tries = attempt
             if self.budget is not None:
                 self.budget.acquire()
+            if fence and self.fence is not None:
+                self.fence()  # LockLost: the invoice is no longer ours; write nothing
             if write:
                 self.counts.writes += 1
             else:
@@ -271,11 +341,52 @@ def _backoff(attempt: int) -> float:
     return min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
 
 
+class WriteRecorder:
+    """Records each write attempt (`StripeWrite`) in the portal's database: committed
+    before the call, so the key exists even if the process dies during it. Callers
+    hold no pending changes while they call Stripe (they never do)."""
+
+    def started(self, operation: str, invoice: int | None, organization: int | None,
+                stripe_object: str | None):
+        from portal.extensions import db
+        from portal.models import StripeWrite
+
+        record = StripeWrite(idempotency_key=new_idempotency_key(operation), operation=operation,
+                             invoice_id=invoice, organization_id=organization, stripe_object_id=stripe_object,
+                             started_at=_now())
+        db.session.add(record)
+        db.session.commit()
+        return record
+
+    def finished(self, record, outcome: str, tries: int, error: str | None, object_id: str | None = None) -> None:
+        from sqlalchemy import update
+
+        from portal.extensions import db
+        from portal.models import StripeWrite
+
+        db.session.rollback()
+        values = {"outcome": outcome, "tries": tries, "error": error[:2000] if error else None,
+                  "finished_at": _now()}
+        if object_id and not record.stripe_object_id:
+            values["stripe_object_id"] = object_id
+        db.session.execute(update(StripeWrite).where(StripeWrite.id == record.id).values(**values)
+                           .execution_options(synchronize_session=False))
+        db.session.commit()
+
+
+def _now():
+    from portal.models.types import utcnow
+
+    return utcnow()
+
+
 def gateway() -> StripeGateway:
-    """A gateway for the current app, with the shared write budget and fresh counts."""
+    """A gateway for the current app, with the shared request budget, write records
+    and fresh counts."""
     config = current_app.config
     budget = RequestBudget(redis_connection(), config["STRIPE_MAX_REQUESTS_PER_SECOND"])
-    return StripeGateway(config.get("STRIPE_API_KEY"), config.get("STRIPE_API_BASE"), budget)
+    return StripeGateway(config.get("STRIPE_API_KEY"), config.get("STRIPE_API_BASE"), budget,
+                         recorder=WriteRecorder())
 
 
 def warm_up() -> None:

@@ -259,7 +259,10 @@ def test_changes_that_missed_a_stripe_finalization_move_to_the_next_invoice(db, 
     stripe_total = stripe_client(stripe_emulator).v1.invoices.retrieve(closed.stripe_invoice_id).total
     assert closed.status == "finalized" and closed.total_cents == stripe_total == portal_total - 600
     assert closed.total_cents == sum(item.amount_cents for item in closed.items)
-    assert current.total_cents == 600 and "not on invoice" in current.items[0].description
+    assert current.total_cents == 600
+    assert f"Carried from invoice {closed.number} (#{closed.id}" in current.items[0].description
+    carried = next(item for item in closed.items if item.amount_cents < 0)
+    assert carried.amount_cents == -600 and f"(#{current.id})" in carried.description
     handle(db, {**stripe_events(stripe_emulator, "invoice.finalized")[0], "id": "evt_again"})
     _, current = invoices_of(db, invoice.organization_id)
     assert current.total_cents == 600  # carried once

@@ -134,7 +134,7 @@ def stripe_customer(db, billed, stripe_emulator):
 
     organization, _, _ = billed
     customer = gateway().create_customer({"email": organization.billing_email, "name": organization.name},
-                                         key="test-customer-initech")
+                                         organization=organization.id)
     organization.stripe_customer_id = customer.id
     db.session.commit()
     return customer.id

@@ -42,9 +42,20 @@ def many_lines(db, make):
     return invoice.id
 
 
-@pytest.mark.parametrize("kill_after", [0.15, 0.35, 0.6])
+def _settled_requests(emulator, quiet_seconds: float = 0.5) -> list[dict]:
+    """The emulator's request log once no request has arrived for `quiet_seconds`."""
+    log = emulator.control.requests_log()
+    while True:
+        time.sleep(quiet_seconds)
+        again = emulator.control.requests_log()
+        if len(again) == len(log):
+            return again
+        log = again
+
+
+@pytest.mark.parametrize("kill_after_writes", [1, 2, 3])
 def test_a_sync_killed_at_any_point_is_repaired_by_the_next_run_without_duplicates(
-        db, app, database_uri, redis_url, stripe_emulator, many_lines, kill_after):
+        db, app, database_uri, redis_url, stripe_emulator, many_lines, kill_after_writes):
     # Every Stripe request takes 100 ms, so the kill lands somewhere among them.
     stripe_emulator.control.set_faults(rules=[{"kind": "latency", "latency_ms": 100}])
     env = {**os.environ, "DATABASE_URL": database_uri, "REDIS_URL": redis_url, "SECRET_KEY": "x",
@@ -53,13 +64,22 @@ def test_a_sync_killed_at_any_point_is_repaired_by_the_next_run_without_duplicat
     process = subprocess.Popen([str(Path(sys.executable).parent / "flask"), "--app", "wsgi", "sync", "--invoice",
                                 str(many_lines), "--now"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
+    # Killed once Stripe answered `kill_after_writes` writes (customer, draft, the first
+    # of three add_lines): at that moment or during the next write.
     deadline = time.monotonic() + 20
-    while not stripe_emulator.control.requests_log() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(kill_after)
+    while time.monotonic() < deadline and sum(
+            1 for r in stripe_emulator.control.requests_log() if r["method"] == "POST") < kill_after_writes:
+        time.sleep(0.005)
     process.send_signal(signal.SIGKILL)
     process.wait()
+    # A request in flight at the kill still lands at Stripe: let it, as the 30 s lease
+    # would before anyone else may sync this invoice.
+    settled = _settled_requests(stripe_emulator)
     stripe_emulator.control.clear_faults()
+    writes = [r for r in settled if r["method"] == "POST" and r["status"] == 200]
+    # The kill landed mid-sync: the customer was created, not every line was added.
+    assert writes and writes[0]["path"] == "/v1/customers"
+    assert kill_after_writes <= len(writes) < 5, [r["path"] for r in writes]
     # The lock it held lapses with its lease; here we free it as an expired lease would.
     redis_connection().delete(f"portal:lock:invoice:{many_lines}")
     run = sync_invoice(many_lines, trigger="schedule")

@@ -37,7 +37,7 @@ def test_a_populated_sqlite_database_upgrades_downgrades_and_upgrades_again(tmp_
         """)
     flask(database, "upgrade")
     with sqlite3.connect(database) as connection:
-        assert connection.execute("SELECT total_cents, stripe_key_salt FROM invoices").fetchone() == (5, 0)
+        assert connection.execute("SELECT total_cents, payment_attempts FROM invoices").fetchone() == (5, 0)
         assert connection.execute("SELECT amount_cents FROM invoice_items").fetchone() == (5,)
         assert connection.execute("PRAGMA foreign_key_check").fetchall() == []
     assert "No new upgrade operations detected" in flask(database, "check")

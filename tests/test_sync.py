@@ -9,7 +9,7 @@ from sqlalchemy import delete, select
 
 from portal.billing.pricing import add_quantity, mark_changed
 from portal.billing.sync import sync_invoice, unsynced_invoice_ids
-from portal.models import Invoice, InvoiceItem, SyncRun
+from portal.models import Invoice, InvoiceItem, StripeWrite, SyncRun
 from portal.stripe_gateway import StripeGateway
 from tests.sync_helpers import assert_stripe_matches_portal, stripe_client, stripe_lines_of
 
@@ -155,7 +155,13 @@ def test_500_after_the_change_is_reconciled_without_duplicate(db, stripe_emulato
     run = sync_invoice(invoice_id)
     assert run.outcome == "synced", run.error
     assert_stripe_matches_portal(db, stripe_emulator, invoice_id)
-    assert db.session.get(Invoice, invoice_id).stripe_key_salt == 1
+    # The write whose answer was a 500 is recorded as unknown; the run read Stripe
+    # again, found the lines, and wrote nothing more for them.
+    adds = db.session.scalars(select(StripeWrite).where(StripeWrite.operation == "add_lines")
+                              .order_by(StripeWrite.id)).all()
+    assert [w.outcome for w in adds] == ["unknown"]
+    logged = [r for r in stripe_emulator.control.requests_log() if r["path"].endswith("/add_lines")]
+    assert [r["idempotency_key"] for r in logged] == [adds[0].idempotency_key]
 
 
 def test_500_before_the_change_is_retried_under_a_new_key(db, stripe_emulator, billed):
@@ -168,7 +174,7 @@ def test_500_before_the_change_is_retried_under_a_new_key(db, stripe_emulator, b
     assert_stripe_matches_portal(db, stripe_emulator, invoice_id)
 
 
-def test_a_job_rerun_after_429s_uses_the_same_key(db, app, stripe_emulator, billed):
+def test_a_job_rerun_after_429s_writes_each_line_once(db, app, stripe_emulator, billed):
     invoice_id, _ = billed
     stripe_emulator.control.set_faults(rules=[{"kind": "rate_limit", "path": "*/add_lines", "count": 2}])
     gateway = StripeGateway(app.config["STRIPE_API_KEY"], app.config["STRIPE_API_BASE"], None, max_attempts=1)
@@ -176,8 +182,10 @@ def test_a_job_rerun_after_429s_uses_the_same_key(db, app, stripe_emulator, bill
     assert sync_invoice(invoice_id, stripe=StripeGateway(app.config["STRIPE_API_KEY"], app.config["STRIPE_API_BASE"],
                                                           None, max_attempts=1)).outcome == "stripe_unavailable"
     assert sync_invoice(invoice_id).outcome == "synced"
-    keys = {r["idempotency_key"] for r in stripe_emulator.control.requests_log() if r["path"].endswith("/add_lines")}
-    assert len(keys) == 1
+    # Stripe stores no 429, so each run's attempt has a key of its own and only the
+    # last one was applied.
+    adds = [r for r in stripe_emulator.control.requests_log() if r["path"].endswith("/add_lines")]
+    assert [r["status"] for r in adds] == [429, 429, 200] and len({r["idempotency_key"] for r in adds}) == 3
     assert_stripe_matches_portal(db, stripe_emulator, invoice_id)
 
 

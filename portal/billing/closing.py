@@ -25,7 +25,7 @@ from portal.billing.invoices import ensure_open_invoice
 from portal.billing.services import charge_services
 from portal.billing.sync import sync_invoice
 from portal.extensions import db
-from portal.locks import invoice_lock
+from portal.locks import LockLost, invoice_lock
 from portal.models import Invoice, Organization
 from portal.models.types import utcnow
 from portal.stripe_gateway import (
@@ -121,23 +121,26 @@ def close_cycle(invoice_id: int, end_now: bool = False, stripe: StripeGateway | 
 
 
 def _finalize(invoice_id: int, stripe: StripeGateway) -> str:
-    with invoice_lock(invoice_id) as locked:
-        if not locked:
+    with invoice_lock(invoice_id) as lock:
+        if lock is None:
             raise CloseError(f"invoice {invoice_id} is locked by another job")
         invoice = db.session.get(Invoice, invoice_id, populate_existing=True)
         db.session.commit()
         if invoice.status != "closing":
             return f"already_{invoice.status}"  # a webhook got here first
         stripe_id = invoice.stripe_invoice_id
+        stripe.fence = lock.check
         try:
             stripe_invoice = stripe.retrieve_invoice(stripe_id)
             if stripe_invoice.status == "draft":
-                stripe_invoice = stripe.finalize_invoice(stripe_id, key=f"portal-invoice-{invoice_id}-finalize")
+                stripe_invoice = stripe.finalize_invoice(stripe_id, invoice=invoice_id)
         except InvoiceNotEditable:
             stripe_invoice = stripe.retrieve_invoice(stripe_id)
-        except StripeFailure as failure:
+        except (StripeFailure, LockLost) as failure:
             raise CloseError(f"finalize invoice {invoice_id}: {failure}") from failure
-        return apply_stripe_invoice(invoice_id, stripe_invoice)
+        finally:
+            stripe.fence = None
+        return apply_stripe_invoice(invoice_id, stripe_invoice, stripe=stripe)
 
 
 def refresh_from_stripe(invoice_id: int, stripe: StripeGateway | None = None, problem: str | None = None) -> str:
@@ -149,17 +152,20 @@ def refresh_from_stripe(invoice_id: int, stripe: StripeGateway | None = None, pr
         return "no_stripe_invoice"
     stripe_id = invoice.stripe_invoice_id
     db.session.commit()
+    stripe = stripe or gateway()
     try:
-        stripe_invoice = (stripe or gateway()).retrieve_invoice(stripe_id)
+        stripe_invoice = stripe.retrieve_invoice(stripe_id)
     except StripeObjectMissing:
         return "stripe_invoice_missing"
-    return apply_stripe_invoice(invoice_id, stripe_invoice, problem)
+    return apply_stripe_invoice(invoice_id, stripe_invoice, problem, stripe)
 
 
-def apply_stripe_invoice(invoice_id: int, stripe_invoice, problem: str | None = None) -> str:
+def apply_stripe_invoice(invoice_id: int, stripe_invoice, problem: str | None = None,
+                         stripe: StripeGateway | None = None) -> str:
     """Move the portal invoice forward to the Stripe invoice's state; open the next
     invoice when it leaves `open`; record how its collection stands. Returns the
-    portal status afterwards."""
+    portal status afterwards. `stripe` reads the finalized invoice's lines when the
+    portal must carry over what did not reach them."""
     target = STRIPE_TO_PORTAL.get(stripe_invoice.status)
     invoice = db.session.scalar(
         select(Invoice).where(Invoice.id == invoice_id).with_for_update().execution_options(populate_existing=True)
@@ -180,9 +186,30 @@ def apply_stripe_invoice(invoice_id: int, stripe_invoice, problem: str | None = 
     if was_draft:
         # Finalized behind the portal's back (dashboard, automatically_finalizes_at):
         # the cycle rolls over here, and what did not reach Stripe moves on.
-        _carry_over(invoice, stripe_invoice, open_next_invoice(invoice))
+        successor = _roll_over(invoice, stripe_invoice)
+        _carry_over(invoice, stripe_invoice, successor, stripe or gateway())
     db.session.commit()
     return target
+
+
+def _roll_over(invoice: Invoice, stripe_invoice) -> Invoice:
+    """The next invoice after one Stripe finalized. Finalized before its period ended
+    (in the dashboard, while the portal still had it open): its period ends there, its
+    services are charged to that point, and the next invoice covers the rest of the
+    cycle, so no part of the cycle goes unbilled."""
+    finalized_at = _stamp(stripe_invoice, "finalized_at")
+    organization = db.session.get(Organization, invoice.organization_id)
+    if (finalized_at is not None
+            and invoice.period_start < finalized_at < invoice.period_end
+            and db.session.scalar(select(Invoice.id).where(Invoice.organization_id == invoice.organization_id,
+                                                           Invoice.status == "open")) is None):
+        original_end = invoice.period_end
+        invoice.period_end = finalized_at
+        db.session.flush()
+        charge_services(invoice)
+        db.session.refresh(invoice)  # the charges moved its total in the database
+        return ensure_open_invoice(organization, period=(finalized_at, original_end))
+    return open_next_invoice(invoice)
 
 
 def _record_collection(invoice: Invoice, stripe_invoice, problem: str | None) -> None:
@@ -221,12 +248,16 @@ def _record_collection(invoice: Invoice, stripe_invoice, problem: str | None) ->
 CARRY_OVER_CODE = "portal.carry-over"
 
 
-def _carry_over(invoice: Invoice, stripe_invoice, successor: Invoice) -> None:
+def _carry_over(invoice: Invoice, stripe_invoice, successor: Invoice, stripe: StripeGateway) -> None:
     """If Stripe finalized the invoice before the portal's last changes reached it,
-    its total differs from the portal's: move the difference to the next invoice, as
-    a line labelled with the period it belongs to, and take it off this one, so this
-    invoice says what Stripe billed and nothing is lost or billed twice."""
-    difference = invoice.total_cents - stripe_invoice.total
+    the portal-made lines on it differ from the portal's: move the difference to the
+    next invoice, as a line naming the invoice it comes from, and take it off this
+    one as a line naming where it went, so this invoice says what Stripe billed for
+    the portal and nothing is lost or billed twice. Lines added at Stripe by hand (a
+    fee or credit typed into the dashboard) are Stripe's own and never counted."""
+    billed = sum(line.amount for line in stripe.invoice_lines(stripe_invoice.id)
+                 if _metadata(line).get("portal_invoice") == str(invoice.id))
+    difference = invoice.total_cents - billed
     if not difference:
         return
     from portal.billing.credits import own_product
@@ -235,12 +266,21 @@ def _carry_over(invoice: Invoice, stripe_invoice, successor: Invoice) -> None:
     product = own_product(CARRY_OVER_CODE, "Carried over", "period")
     number = stripe_invoice.number or stripe_invoice.id
     period = f"{invoice.period_start:%Y-%m-%d} to {invoice.period_end:%Y-%m-%d}"
+    nxt = f"{successor.period_start:%Y-%m-%d} to {successor.period_end:%Y-%m-%d}"
     set_item(invoice.id, product, f"{CARRY_OVER_CODE}||to:{successor.id}", resource="",
-             description=f"Changes after Stripe finalized {number}, moved to the next invoice",
+             description=f"Not on Stripe invoice {number} when Stripe finalized it: carried to the invoice "
+                         f"for {nxt} (#{successor.id})",
              quantity=Decimal(1), amount_cents=-difference)
     set_item(successor.id, product, f"{CARRY_OVER_CODE}||from:{invoice.id}", resource="",
-             description=f"Usage of {period} not on invoice {number}", quantity=Decimal(1), amount_cents=difference)
+             description=f"Carried from invoice {number} (#{invoice.id}, {period}): charges that were not on it "
+                         "when Stripe finalized it",
+             quantity=Decimal(1), amount_cents=difference)
     db.session.refresh(invoice)
+
+
+def _metadata(stripe_object) -> dict:
+    metadata = getattr(stripe_object, "metadata", None)
+    return metadata.to_dict() if metadata is not None else {}
 
 
 def _stamp(stripe_invoice, field: str) -> datetime | None:

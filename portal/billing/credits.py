@@ -80,7 +80,7 @@ def add_credit(organization: Organization, amount_in_dollars: object, reason: st
         raise CreditError(f"the reason is longer than {MAX_REASON_LENGTH} characters")
     cents = credit_cents(amount_in_dollars)
     product = credit_product()
-    invoice: Invoice = ensure_open_invoice(organization)
+    invoice: Invoice = ensure_open_invoice(organization, lock=True)  # not claimed by a close until we commit
     key = f"{product.code}||credit:{uuid4().hex}"
     set_item(invoice.id, product, key, resource="", description=f"Credit: {reason}",
              quantity=Decimal(1), amount_cents=-cents)

@@ -12,24 +12,29 @@ from portal.models import Invoice, Organization
 from portal.models.types import utcnow
 
 
-def open_invoice(organization: Organization) -> Invoice | None:
-    """The organization's open invoice, if it has one."""
-    return db.session.scalar(
-        select(Invoice).where(Invoice.organization_id == organization.id, Invoice.status == "open")
-    )
+def open_invoice(organization: Organization, lock: bool = False) -> Invoice | None:
+    """The organization's open invoice, if it has one. With `lock`, its row stays
+    locked until the transaction ends, so it cannot be claimed for closing meanwhile
+    (a close that claimed it first is waited for, and its successor returned)."""
+    query = select(Invoice).where(Invoice.organization_id == organization.id, Invoice.status == "open")
+    if lock:
+        query = query.with_for_update(key_share=True).execution_options(populate_existing=True)
+    return db.session.scalar(query)
 
 
 def ensure_open_invoice(organization: Organization, at: datetime | None = None,
-                        period: tuple[datetime, datetime] | None = None) -> Invoice:
+                        period: tuple[datetime, datetime] | None = None, lock: bool = False) -> Invoice:
     """The open invoice, created for the cycle holding `at` (or for exactly `period`)
-    when there is none.
+    when there is none. With `lock`, it stays open until the caller's transaction
+    ends: whoever writes items to "the open invoice" asks for that, so an item never
+    lands on an invoice that a concurrent close has just claimed.
 
     Safe under concurrency: the partial unique index allows one open invoice per
     organization, so a racing creator loses, rolls back to its savepoint, and reads
     the winner's row. A new invoice is charged for the services attached during its
     period and priced for usage that arrived for it before it opened.
     """
-    invoice = open_invoice(organization)
+    invoice = open_invoice(organization, lock)
     if invoice is not None:
         return invoice
     start, end = period or cycle_containing(at or utcnow(), organization.cycle_anchor_day)
@@ -44,7 +49,7 @@ def ensure_open_invoice(organization: Organization, at: datetime | None = None,
         with db.session.begin_nested():
             db.session.add(invoice)
     except IntegrityError:
-        invoice = open_invoice(organization)
+        invoice = open_invoice(organization, lock)
         if invoice is None:
             raise
         return invoice

@@ -59,11 +59,12 @@ def attach_service(organization: Organization, product: Product, quantity: Decim
         raise ServiceError(f"product {product.code!r} is no longer sold")
     if quantity <= 0:
         raise ServiceError("quantity must be greater than zero")
+    invoice = ensure_open_invoice(organization, now, lock=True)  # not claimed by a close until we commit
     attachment = ServiceAttachment(organization=organization, product=product, quantity=quantity,
                                    resource=resource, attached_at=now)
     db.session.add(attachment)
     db.session.flush()
-    _charge(attachment, ensure_open_invoice(organization, now))
+    _charge(attachment, invoice)
     return attachment
 
 
@@ -73,9 +74,9 @@ def detach_service(attachment: ServiceAttachment, now: datetime | None = None) -
     if attachment.detached_at is not None:
         return False
     now = now or utcnow()
+    invoice = ensure_open_invoice(attachment.organization, now, lock=True)  # not claimed by a close until we commit
     attachment.detached_at = max(now, attachment.attached_at)
     db.session.flush()
-    invoice = ensure_open_invoice(attachment.organization, now)
     if attachment.attached_at < invoice.period_end:
         _charge(attachment, invoice)
     return True

@@ -3,8 +3,10 @@
 `sync_invoice(invoice_id, trigger)` is safe to run any number of times, from any
 number of workers:
 
-1. It holds the invoice's Redis lock (owner + lease), so two runs never have
-   requests in flight for one invoice; a run that cannot get it records `locked`.
+1. It holds the invoice's Redis lock (owner, a short lease renewed while it works,
+   `portal.locks`), so two runs never have requests in flight for one invoice; a run
+   that cannot get it records `locked`. Every Stripe write is fenced: a run that
+   lost the lock stops (`lock_lost`) without writing or marking anything synced.
 2. It ensures the Stripe customer and the Stripe draft, adopting ones a crashed run
    created (by metadata) instead of creating them twice. The draft is created with
    `auto_advance=true` and `automatically_finalizes_at` a little after the period end
@@ -21,10 +23,11 @@ number of workers:
    adds, updates and removes only what differs, with the bulk line operations in
    chunks of CHUNK_LINES: a few writes per invoice however many lines changed, none
    when nothing differs.
-4. Every write carries an idempotency key derived from what it writes (invoice,
-   operation, payload) and the invoice's key salt, never from an attempt number.
-   A 500 leaves the outcome unknown: the salt is bumped (Stripe replays a stored 500
-   for its key) and the run re-reads Stripe and plans again.
+4. Every write is one attempt with an idempotency key of its own, recorded before
+   the call (`portal.stripe_gateway`): the same correction needed twice is applied
+   twice. A 500 leaves the outcome unknown: the run re-reads Stripe and plans
+   again (with new keys). A response Stripe replayed is never taken as the current
+   state: the run re-reads the invoice's total before trusting it.
 5. It records a SyncRun (trigger, outcome, counts, Stripe calls, duration, error)
    and, when Stripe matches, marks the changes it saw as synced.
 
@@ -32,8 +35,6 @@ No database transaction is held open across a call to Stripe.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -43,7 +44,7 @@ from sqlalchemy.orm import selectinload
 
 from portal.billing.lines import StripeLine, TooManyLines, stripe_lines
 from portal.extensions import db
-from portal.locks import invoice_lock
+from portal.locks import LockLost, invoice_lock
 from portal.models import Invoice, InvoiceItem, Organization, SyncRun
 from portal.models.types import utcnow
 from portal.stripe_gateway import (
@@ -59,6 +60,7 @@ from portal.stripe_gateway import (
 )
 
 CHUNK_LINES = 50
+MAX_DESCRIPTION = 500  # Stripe's limit on an invoice item's description
 MAX_RECONCILE_ROUNDS = 3
 # Stripe finalizes the draft on its own this long after the period ends, should the
 # portal's own end-of-cycle close never run.
@@ -104,7 +106,7 @@ def plan_changes(invoice_id: int, desired: list[StripeLine], current: list) -> P
         existing = ours.pop(line.key, None)
         if existing is None:
             plan.adds.append(line)
-        elif existing.amount != line.amount_cents or existing.description != line.description:
+        elif existing.amount != line.amount_cents or existing.description != _stripe_description(line):
             plan.updates.append((existing.id, line))
         else:
             plan.unchanged += 1
@@ -139,24 +141,20 @@ def _metadata(stripe_object) -> dict:
     return metadata.to_dict() if metadata is not None else {}
 
 
-def idempotency_key(invoice: Invoice, operation: str, payload: object) -> str:
-    """Derived from what is written, and where (the Stripe draft: a draft created again
-    after Stripe lost the first takes the same lines as new writes), and the invoice's
-    salt, so a rerun of the same write reuses its key and a changed write gets a new one."""
-    target = {"stripe_invoice": invoice.stripe_invoice_id, "payload": payload}
-    digest = hashlib.sha256(json.dumps(target, sort_keys=True, default=str).encode()).hexdigest()[:40]
-    return f"portal-invoice-{invoice.id}-s{invoice.stripe_key_salt}-{operation}-{digest}"
-
-
 def _chunks(items: list, size: int = CHUNK_LINES):
     for start in range(0, len(items), size):
         yield items[start:start + size]
 
 
+def _stripe_description(line: StripeLine) -> str:
+    """The description as Stripe keeps it (at most 500 characters)."""
+    return line.description[:MAX_DESCRIPTION]
+
+
 def _line_params(invoice: Invoice, line: StripeLine) -> dict:
     return {
         "amount": line.amount_cents,
-        "description": line.description[:500],
+        "description": _stripe_description(line),
         "metadata": {"portal_invoice": str(invoice.id), "portal_line": line.key},
     }
 
@@ -189,13 +187,16 @@ class _Run:
             try:
                 stripe_total = self._apply(plan)
             except OutcomeUnknown:
-                self._bump_salt()
-                continue
-            if stripe_total is None:
+                continue  # read Stripe again and plan anew
+            if stripe_total is None and plan.empty:
                 stripe_total = sum(line.amount for line in current)
+            elif stripe_total is None:  # a replayed answer: read what Stripe holds now
+                stripe_total = self.stripe.retrieve_invoice(self.invoice.stripe_invoice_id).total
             expected = sum(line.amount_cents for line in desired) + plan.foreign_total
             if stripe_total != expected:
                 raise SyncStopped("total_mismatch", f"Stripe total {stripe_total} != portal total {expected}")
+            if self.stripe.fence is not None:
+                self.stripe.fence()  # a run that lost the lock claims nothing
             self._mark_synced(seq)
             return "synced" if self.stripe.counts.writes else "unchanged"
         raise SyncStopped("unknown_outcome", f"writes answered 500 in {MAX_RECONCILE_ROUNDS} rounds")
@@ -223,10 +224,7 @@ class _Run:
         if test_method:
             params["payment_method"] = test_method
             params["invoice_settings"] = {"default_payment_method": test_method}
-        # Creating it again after a deletion is a new write, never a replay of the first.
-        params_key = {**params, "replaces": replacing or ""}
-        digest = hashlib.sha256(json.dumps(params_key, sort_keys=True).encode()).hexdigest()[:40]
-        customer = self.stripe.create_customer(params, key=f"portal-organization-{organization.id}-customer-{digest}")
+        customer = self.stripe.create_customer(params, organization=organization.id)
         organization.stripe_customer_id = customer.id
         db.session.commit()
         from portal.billing.customers import apply_stripe_customer
@@ -264,9 +262,17 @@ class _Run:
                 "period_end": invoice.period_end.isoformat(),
             },
         }
-        # Creating it again after Stripe lost it is a new write, never a replay of the first.
-        key_payload = {**params, "replaces": replacing or ""}
-        draft = self.stripe.create_invoice(params, key=idempotency_key(invoice, "create", key_payload))
+        try:
+            draft = self.stripe.create_invoice(params, invoice=invoice.id)
+        except StripeObjectMissing as missing:
+            if "customer" not in str(missing).lower():
+                raise
+            # The customer is gone too (deleted, or another Stripe account's key).
+            lost = self.organization.stripe_customer_id
+            self.notes.append(f"Stripe customer {lost} does not exist at Stripe; created it again")
+            self._ensure_customer(replacing=lost)
+            params["customer"] = self.organization.stripe_customer_id
+            draft = self.stripe.create_invoice(params, invoice=invoice.id)
         invoice.stripe_invoice_id = draft.id
         db.session.commit()
         if not _schedule_ok(draft, invoice.period_end):
@@ -282,8 +288,7 @@ class _Run:
         """Give the draft `auto_advance=true` and its finalization time, always together."""
         finalizes_at = self._finalizes_at()
         params = {"auto_advance": True, "automatically_finalizes_at": finalizes_at}
-        draft = self.stripe.update_invoice(stripe_id, params,
-                                           key=idempotency_key(self.invoice, f"schedule-{stripe_id}", params))
+        draft = self.stripe.update_invoice(stripe_id, params, invoice=self.invoice.id)
         if not (draft.auto_advance and draft.automatically_finalizes_at == finalizes_at):
             raise SyncStopped("schedule_not_set", f"{why}; Stripe did not take auto_advance with "
                                                   f"automatically_finalizes_at={finalizes_at}")
@@ -316,36 +321,30 @@ class _Run:
 
     def _apply(self, plan: Plan) -> int | None:
         """Apply the plan (removals first, to make room under Stripe's limit);
-        returns the Stripe invoice total after the last write, or None if none."""
-        invoice, stripe_id, total = self.invoice, self.invoice.stripe_invoice_id, None
+        returns the Stripe invoice total after the last write, or None if there was
+        no write or an answer was replayed (then only a fresh read tells)."""
+        invoice, stripe_id, total, replayed = self.invoice, self.invoice.stripe_invoice_id, None, False
         try:
             for chunk in _chunks(plan.removes):
-                result = self.stripe.remove_lines(stripe_id, chunk, key=idempotency_key(invoice, "remove", chunk))
+                result = self.stripe.remove_lines(stripe_id, chunk, invoice=invoice.id)
                 self.counts["deleted"] += len(chunk)
-                total = result.total
+                total, replayed = result.total, replayed or self.stripe.last_write_replayed
             for chunk in _chunks(plan.updates):
                 lines = [{"id": line_id, **_line_params(invoice, line)} for line_id, line in chunk]
-                result = self.stripe.update_lines(stripe_id, lines, key=idempotency_key(invoice, "update", lines))
+                result = self.stripe.update_lines(stripe_id, lines, invoice=invoice.id)
                 self.counts["updated"] += len(chunk)
-                total = result.total
+                total, replayed = result.total, replayed or self.stripe.last_write_replayed
             for chunk in _chunks(plan.adds):
                 lines = [_line_params(invoice, line) for line in chunk]
-                result = self.stripe.add_lines(stripe_id, lines, key=idempotency_key(invoice, "add", lines))
+                result = self.stripe.add_lines(stripe_id, lines, invoice=invoice.id)
                 self.counts["created"] += len(chunk)
-                total = result.total
+                total, replayed = result.total, replayed or self.stripe.last_write_replayed
         except InvoiceNotEditable:
             self._check_draft()  # says why: finalized (or deleted) meanwhile
             raise
-        return total
+        return None if replayed else total
 
     # --- bookkeeping ---------------------------------------------------------------
-
-    def _bump_salt(self) -> None:
-        db.session.execute(
-            update(Invoice).where(Invoice.id == self.invoice.id)
-            .values(stripe_key_salt=Invoice.stripe_key_salt + 1)
-        )
-        db.session.commit()  # the UPDATE also moved self.invoice.stripe_key_salt (synchronize_session)
 
     def _mark_synced(self, seq: int) -> None:
         db.session.execute(
@@ -380,8 +379,8 @@ def sync_invoice(invoice_id: int, trigger: str = "manual", job_id: str | None = 
 
 
 def _sync_locked(invoice_id: int, record: SyncRun, stripe: StripeGateway | None) -> SyncRun:
-    with invoice_lock(invoice_id) as locked:
-        if not locked:
+    with invoice_lock(invoice_id) as lock:
+        if lock is None:
             return _finish(record, "locked", None)
         invoice = _load(invoice_id)
         if invoice is None:
@@ -396,23 +395,33 @@ def _sync_locked(invoice_id: int, record: SyncRun, stripe: StripeGateway | None)
             stripe = stripe or gateway()
         except StripeNotConfigured as error:
             return _finish(record, "stripe_not_configured", str(error))
-        run = _Run(invoice, stripe)
+        stripe.fence = lock.check
         try:
-            outcome, error = run.execute(), None
-        except SyncStopped as stop:
-            outcome, error = stop.outcome, str(stop)
-            if stop.outcome == "stripe_invoice_finalized":
-                _block(invoice_id, stop.outcome)
-        except StripeUnavailable as failure:
-            outcome, error = "stripe_unavailable", str(failure)
-        except (StripeRejected, InvoiceNotEditable, StripeObjectMissing, StripeFailure) as failure:
-            outcome, error = "rejected", str(failure)
-        except TooManyLines as failure:
-            outcome, error = "too_many_lines", str(failure)
-        except Exception:
-            _finish(record, "error", traceback.format_exc(limit=5), stripe, run.counts, run.notes)
-            raise
-        return _finish(record, outcome, error, stripe, run.counts, run.notes)
+            return _run_once(invoice, invoice_id, record, stripe)
+        finally:
+            stripe.fence = None
+
+
+def _run_once(invoice: Invoice, invoice_id: int, record: SyncRun, stripe: StripeGateway) -> SyncRun:
+    run = _Run(invoice, stripe)
+    try:
+        outcome, error = run.execute(), None
+    except SyncStopped as stop:
+        outcome, error = stop.outcome, str(stop)
+        if stop.outcome == "stripe_invoice_finalized":
+            _block(invoice_id, stop.outcome)
+    except LockLost as lost:
+        outcome, error = "lock_lost", str(lost)
+    except StripeUnavailable as failure:
+        outcome, error = "stripe_unavailable", str(failure)
+    except (StripeRejected, InvoiceNotEditable, StripeObjectMissing, StripeFailure) as failure:
+        outcome, error = "rejected", str(failure)
+    except TooManyLines as failure:
+        outcome, error = "too_many_lines", str(failure)
+    except Exception:
+        _finish(record, "error", traceback.format_exc(limit=5), stripe, run.counts, run.notes)
+        raise
+    return _finish(record, outcome, error, stripe, run.counts, run.notes)
 
 
 def _block(invoice_id: int, reason: str) -> None:

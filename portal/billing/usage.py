@@ -28,7 +28,7 @@ from portal import money
 from portal.billing import bulk
 from portal.billing.cycles import cycle_containing
 from portal.billing.invoices import ensure_open_invoice
-from portal.billing.pricing import ItemDelta, add_quantities, line_key
+from portal.billing.pricing import InvoiceNoLongerOpen, ItemDelta, add_quantities, line_key
 from portal.extensions import db
 from portal.models import Invoice, Organization, Product, UsageEvent
 from portal.models.types import utcnow
@@ -233,6 +233,9 @@ def ingest_usage(sender: str, events: object, now: datetime | None = None) -> In
         for item in set(item_of.values()) if item is not None
     }
     inserted, existing = bulk.insert_new_usage_events(sender, now, rows, list(line_keys.values()))
+    unplaced = {unique[event_id].organization.id for event_id in inserted if item_of[event_id] is None}
+    if unplaced:
+        _hold_open(placements, unplaced)
     result.accepted = len(inserted)
     result.duplicates = len(batch) - result.accepted
 
@@ -293,6 +296,20 @@ def _placements(organizations: dict[int, _Org], earliest: datetime, latest: date
             placement = placements[organization_id] = _Placement.of(invoice, organization.cycle_anchor_day)
         placement.closed = closed[organization_id]
     return placements
+
+
+def _hold_open(placements: dict[int, _Placement], organization_ids: set[int]) -> None:
+    """Usage for after the open invoice's period is left for the next invoice to
+    price when it opens. Lock the open invoices it waits behind until this
+    transaction commits, so a close cannot open the next invoice in between (and
+    miss these events); one that already claimed them sends the batch round again."""
+    ids = sorted(placements[organization_id].open_id for organization_id in organization_ids)
+    still_open = set(db.session.scalars(
+        select(Invoice.id).where(_any(Invoice.id, ids, BigInteger), Invoice.status == "open")
+        .order_by(Invoice.id).with_for_update(key_share=True)
+    ))
+    if still_open != set(ids):
+        raise InvoiceNoLongerOpen(sorted(set(ids) - still_open))
 
 
 def _place(placement: _Placement, at: datetime) -> tuple[int | None, tuple | None]:

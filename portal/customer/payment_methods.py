@@ -36,7 +36,8 @@ def payment_portal_url(organization: Organization, return_url: str) -> str:
         )
     configuration = current_app.config.get("STRIPE_PORTAL_CONFIGURATION")
     try:
-        session = gateway().create_portal_session(organization.stripe_customer_id, return_url, configuration)
+        session = gateway().create_portal_session(organization.stripe_customer_id, return_url, configuration,
+                                                  organization=organization.id)
     except StripeNotConfigured:
         raise PaymentPortalUnavailable(
             "Payment methods cannot be managed here yet: this portal is not connected to Stripe."

@@ -8,7 +8,7 @@ from portal.models.billing import (
     SyncRun,
 )
 from portal.models.catalog import Product
-from portal.models.stripe_events import StripeEvent
+from portal.models.stripe_events import StripeEvent, StripeWrite
 from portal.models.usage import ServiceAttachment, UsageEvent
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "Product",
     "ServiceAttachment",
     "StripeEvent",
+    "StripeWrite",
     "SyncRun",
     "UsageEvent",
     "User",

@@ -70,9 +70,6 @@ class Invoice(db.Model):
     # Why the sync stopped for this invoice (e.g. Stripe finalized it behind our back);
     # the sweep skips it until the end-of-cycle logic or support deals with it.
     sync_blocked: Mapped[str | None] = mapped_column(String(64))
-    # Part of every Stripe idempotency key for this invoice; bumped only after a write
-    # whose outcome is unknown (a 500), since Stripe replays a stored 500 for its key.
-    stripe_key_salt: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     number: Mapped[str | None] = mapped_column(String(64))
     hosted_invoice_url: Mapped[str | None] = mapped_column(Text)
     invoice_pdf: Mapped[str | None] = mapped_column(Text)
