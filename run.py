@@ -228,9 +228,9 @@ def serve() -> int:
         subprocess.run([*flask, "seed-demo"], env=env, cwd=ROOT, check=True)
         subprocess.run([*flask, "schedule"], env=env, cwd=ROOT, check=True)
         children.start("worker", [str(BIN / "rq"), "worker", "--worker-class", "jobs.worker.PortalWorker",
-                                   "sync", "webhooks", "default", "--url", env["REDIS_URL"], "--quiet"], env)
-        children.start("scheduler", [str(BIN / "rqscheduler"), "--url", env["REDIS_URL"],
-                                      "--interval", "5"], env)
+                                   "sweeps", "sync", "webhooks", "default", "--url", env["REDIS_URL"], "--quiet"],
+                       env)
+        children.start("scheduler", [str(PYTHON), "-m", "jobs.scheduler", "--interval", "5"], env)
         web = children.start(
             "web",
             [str(BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", "2", "--threads", "4",

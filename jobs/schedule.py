@@ -18,12 +18,12 @@ class PeriodicJob:
     name: str
     func: str
     interval_seconds: int
-    queue: str = "default"
-    timeout_seconds: int = 600
+    queue: str = "sweeps"  # first in every worker's list: never behind a backlog
+    timeout_seconds: int = 120
 
     @property
     def job_id(self) -> str:
-        return f"{JOB_PREFIX}{self.name}-every-{self.interval_seconds}s"
+        return f"{JOB_PREFIX}{self.name}-every-{self.interval_seconds}s-on-{self.queue}"
 
 
 def periodic_job_definitions(config) -> list[PeriodicJob]:

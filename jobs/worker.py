@@ -1,4 +1,5 @@
-"""Worker classes: `rq worker -w jobs.worker.PortalWorker sync webhooks default`.
+"""Worker classes: `rq worker -w jobs.worker.PortalWorker sweeps sync webhooks default`
+(the queues in that order: the periodic sweeps first, never behind a backlog).
 
 `PortalWorker` runs jobs in the worker process itself, with the app built and what
 jobs import loaded once, so a sync job costs its own work only (about four times
@@ -10,9 +11,46 @@ reach them; it costs a fork and fresh connections per job.
 """
 from __future__ import annotations
 
+import logging
+import time
+from uuid import uuid4
+
+from redis.exceptions import RedisError
 from rq.worker import SimpleWorker, Worker
 
 from jobs.app import get_app
+
+log = logging.getLogger("portal.worker")
+REDIS_BACK_SECONDS = 2.0
+
+
+class _OutlivesRedis:
+    """RQ waits out a Redis outage while it waits for a job, but quits when Redis
+    goes away at another moment (finishing a job, a heartbeat). This worker starts
+    its loop again once Redis answers, instead of leaving the queue unserved."""
+
+    def work(self, burst: bool = False, *args, **kwargs):
+        while True:
+            try:
+                result = super().work(burst, *args, **kwargs)
+            except RedisError as error:  # lost between jobs, even registering
+                log.warning("worker %s: Redis unavailable: %s", self.name, error)
+                result = False
+            if burst or self._stop_requested or kwargs.get("max_jobs") or kwargs.get("max_idle_time"):
+                return result
+            # RQ quit on its own: Redis went away (or a loop error it does not handle).
+            log.warning("worker %s: the work loop ended; serving again once Redis answers", self.name)
+            time.sleep(REDIS_BACK_SECONDS)
+            while not self._redis_answers():
+                time.sleep(REDIS_BACK_SECONDS)
+            self._stop_requested = False
+            self.name = uuid4().hex  # its old registration may not have been cleared
+
+    def _redis_answers(self) -> bool:
+        try:
+            return bool(self.connection.ping())
+        except RedisError:
+            return False
 
 
 def _warm_up() -> None:
@@ -28,13 +66,13 @@ def _warm_up() -> None:
     warm_up()
 
 
-class PortalWorker(SimpleWorker):
+class PortalWorker(_OutlivesRedis, SimpleWorker):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         _warm_up()
 
 
-class PortalForkingWorker(Worker):
+class PortalForkingWorker(_OutlivesRedis, Worker):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         _warm_up()

@@ -5,7 +5,9 @@ from flask import Flask, current_app
 from redis import Redis
 from rq import Queue
 
-QUEUE_NAMES = ("sync", "webhooks", "default")
+# In the order every worker serves them: the periodic sweeps first, so a backlog of
+# syncs or events never holds them up (they only enqueue and return).
+QUEUE_NAMES = ("sweeps", "sync", "webhooks", "default")
 
 
 def init_redis(app: Flask) -> None:

@@ -83,7 +83,7 @@ def test_a_sync_killed_at_any_point_is_repaired_by_the_next_run_without_duplicat
     # The lock it held lapses with its lease; here we free it as an expired lease would.
     redis_connection().delete(f"portal:lock:invoice:{many_lines}")
     run = sync_invoice(many_lines, trigger="schedule")
-    assert run.outcome in ("synced", "unchanged"), run.error
+    assert run.outcome == "synced", run.error  # not every line reached Stripe: it writes the rest
     assert_stripe_matches_portal(db, stripe_emulator, many_lines)
     invoice = db.session.get(Invoice, many_lines)
     assert len(stripe_lines_of(stripe_emulator, invoice.stripe_invoice_id)) == 150
@@ -106,8 +106,10 @@ def test_a_timeout_inside_the_stripe_call_fails_the_job_and_commits_nothing_half
     assert db.session.get(Invoice, many_lines).has_unsynced_changes  # not reported as synced
     stripe_emulator.control.clear_faults()
     db.session.commit()
-    # The lock was released with the failure: the next run proceeds and converges.
-    assert sync_invoice(many_lines).outcome in ("synced", "unchanged")
+    # The lock was released with the failure: the next run proceeds and writes what the
+    # timed-out one did not. (The add_lines it left held at Stripe lands later: see
+    # test_error_paths.py::test_a_write_left_in_flight_by_a_timed_out_job_does_not_end_up_twice_at_stripe.)
+    assert sync_invoice(many_lines).outcome == "synced"
     assert_stripe_matches_portal(db, stripe_emulator, many_lines)
 
 
@@ -120,7 +122,8 @@ def test_invoice_upcoming_is_stored_and_acknowledged_but_starts_nothing(db, stri
                 "data": {"object": {"object": "invoice", "customer": customer}}}
     row_id, _ = store_event(upcoming)
     db.session.commit()
-    assert process_event(row_id) == "ignored (no handler for this type)"
+    assert db.session.get(StripeEvent, row_id).processed_at is not None  # stored as done: no handler
+    assert process_event(row_id) == "already processed"
     assert Queue("sync", connection=redis_connection()).count == 0
 
 
@@ -155,30 +158,26 @@ def test_a_job_enqueued_for_a_rolled_back_change_finds_nothing_wrong(db, app, st
     assert_stripe_matches_portal(db, stripe_emulator, many_lines)
 
 
-def test_events_delivered_while_redis_is_stopped_are_processed_after_it_returns(app, client, db, tmp_path):
-    app.config["STRIPE_WEBHOOK_SECRETS"] = [SECRET]
+def test_events_delivered_while_redis_is_stopped_are_processed_after_it_returns(app, client, db, monkeypatch,
+                                                                               tmp_path):
+    monkeypatch.setitem(app.config, "STRIPE_WEBHOOK_SECRETS", [SECRET])
     own_redis = RedisServer(tmp_path)
-    working = app.extensions["redis"]
-    app.extensions["redis"] = Redis.from_url(own_redis.url, socket_connect_timeout=0.5)
+    monkeypatch.setitem(app.extensions, "redis", Redis.from_url(own_redis.url, socket_connect_timeout=0.5))
+    own_redis.stop()
+    body = event_body("evt_while_down", "customer.updated", {"object": "customer", "id": "cus_x"})
+    response = post_event(client, body, sign(body))
+    assert response.status_code == 200
+    db.session.rollback()
+    assert db.session.scalar(select(StripeEvent.stripe_event_id)) == "evt_while_down"
+    restarted = RedisServer(tmp_path, port=own_redis.port)
     try:
-        own_redis.stop()
-        body = event_body("evt_while_down", "customer.updated", {"object": "customer", "id": "cus_x"})
-        response = post_event(client, body, sign(body))
-        assert response.status_code == 200
+        use_app(app)
+        db.session.execute(StripeEvent.__table__.update().values(received_at=utcnow().replace(year=2000)))
+        db.session.commit()
+        assert sweep_stored_events() == {"enqueued": 1}
+        SimpleWorker([Queue("webhooks", connection=app.extensions["redis"])],
+                     connection=app.extensions["redis"]).work(burst=True)
         db.session.rollback()
-        assert db.session.scalar(select(StripeEvent.stripe_event_id)) == "evt_while_down"
-        restarted = RedisServer(tmp_path, port=own_redis.port)
-        try:
-            use_app(app)
-            db.session.execute(StripeEvent.__table__.update().values(received_at=utcnow().replace(year=2000)))
-            db.session.commit()
-            assert sweep_stored_events() == {"enqueued": 1}
-            SimpleWorker([Queue("webhooks", connection=app.extensions["redis"])],
-                         connection=app.extensions["redis"]).work(burst=True)
-            db.session.rollback()
-            assert db.session.scalar(select(StripeEvent.processed_at)) is not None
-        finally:
-            restarted.stop()
+        assert db.session.scalar(select(StripeEvent.processed_at)) is not None
     finally:
-        app.extensions["redis"] = working
-        app.config["STRIPE_WEBHOOK_SECRETS"] = []
+        restarted.stop()

@@ -13,14 +13,9 @@ from redis.exceptions import RedisError
 
 from portal.billing.credits import add_credit
 from portal.billing.sync import SYNCABLE_STATUSES
-from portal.billing.sync_queue import enqueue_sync
+from portal.billing.sync_queue import enqueue_close, enqueue_sync
 from portal.extensions import db
 from portal.models import AuditEntry, Invoice, InvoiceItem, Organization, User
-from portal.queue import queue
-
-CLOSE_JOB = "jobs.cycles.close_cycle"
-CLOSE_JOB_TIMEOUT_SECONDS = 600
-
 
 
 class ActionRefused(Exception):
@@ -70,8 +65,7 @@ def close_cycle_now(invoice: Invoice, actor: User) -> ActionResult:
         raise ActionRefused(f"invoice #{invoice.id} is {invoice.status}: only an open invoice can be closed")
     entry = record(actor, "invoice.close_cycle_now", "invoice", invoice.id, organization=invoice.organization.slug)
     invoice_id = invoice.id
-    return _enqueue_after_commit(entry, lambda: queue("default").enqueue(
-        CLOSE_JOB, invoice_id, True, job_timeout=CLOSE_JOB_TIMEOUT_SECONDS).id)
+    return _enqueue_after_commit(entry, lambda: enqueue_close(invoice_id, end_now=True))
 
 
 def give_credit(organization: Organization, amount_in_dollars: str, reason: str, actor: User) -> ActionResult:

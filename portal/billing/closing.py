@@ -25,7 +25,7 @@ from portal.billing.invoices import ensure_open_invoice
 from portal.billing.services import charge_services
 from portal.billing.sync import sync_invoice
 from portal.extensions import db
-from portal.locks import LockLost, invoice_lock
+from portal.locks import DEFAULT_WAIT_SECONDS, LockLost, invoice_lock
 from portal.models import Invoice, Organization
 from portal.models.types import utcnow
 from portal.stripe_gateway import (
@@ -43,6 +43,10 @@ STRIPE_TO_PORTAL = {"open": "finalized", "paid": "paid", "uncollectible": "uncol
 
 class CloseError(Exception):
     """The close could not finish now; it is safe to run again."""
+
+
+class CloseDeferred(CloseError):
+    """A sync or close of the invoice holds its lock right now: run again in a moment."""
 
 
 def may_move(current: str, new: str) -> bool:
@@ -94,9 +98,11 @@ def claim_for_closing(invoice_id: int, now: datetime | None = None, end_now: boo
     return True
 
 
-def close_cycle(invoice_id: int, end_now: bool = False, stripe: StripeGateway | None = None) -> str:
+def close_cycle(invoice_id: int, end_now: bool = False, stripe: StripeGateway | None = None,
+                wait_seconds: float = DEFAULT_WAIT_SECONDS) -> str:
     """Close one invoice's cycle: claim, final sync, finalize at Stripe. Returns the
-    outcome; raises CloseError when it must be retried later (e.g. Stripe is down)."""
+    outcome; raises CloseError when it must be retried later (e.g. Stripe is down),
+    CloseDeferred when the invoice stayed locked for `wait_seconds` (jobs wait none)."""
     invoice = db.session.get(Invoice, invoice_id)
     if invoice is None:
         raise LookupError(f"no invoice {invoice_id}")
@@ -110,20 +116,22 @@ def close_cycle(invoice_id: int, end_now: bool = False, stripe: StripeGateway | 
     db.session.commit()  # hold no transaction while waiting for the invoice's lock
     if status != "closing":
         return f"already_{status}"
-    run = sync_invoice(invoice_id, trigger="cycle_close", stripe=stripe)
+    run = sync_invoice(invoice_id, trigger="cycle_close", stripe=stripe, wait_seconds=wait_seconds)
+    if run.outcome == "locked":
+        raise CloseDeferred(f"final sync of invoice {invoice_id}: the invoice is locked by another job")
     if run.outcome == "stripe_invoice_finalized":
         return refresh_from_stripe(invoice_id, stripe)
     if run.outcome == "not_open":  # finished by a concurrent close or a webhook meanwhile
         return f"already_{db.session.get(Invoice, invoice_id, populate_existing=True).status}"
     if run.outcome not in ("synced", "unchanged"):
         raise CloseError(f"final sync of invoice {invoice_id}: {run.outcome}: {run.error or ''}")
-    return _finalize(invoice_id, stripe or gateway())
+    return _finalize(invoice_id, stripe or gateway(), wait_seconds)
 
 
-def _finalize(invoice_id: int, stripe: StripeGateway) -> str:
-    with invoice_lock(invoice_id) as lock:
+def _finalize(invoice_id: int, stripe: StripeGateway, wait_seconds: float) -> str:
+    with invoice_lock(invoice_id, wait_seconds) as lock:
         if lock is None:
-            raise CloseError(f"invoice {invoice_id} is locked by another job")
+            raise CloseDeferred(f"invoice {invoice_id} is locked by another job")
         invoice = db.session.get(Invoice, invoice_id, populate_existing=True)
         db.session.commit()
         if invoice.status != "closing":

@@ -35,14 +35,21 @@ def handler(*event_types: str):
     return register
 
 
+def has_handler(event_type: str) -> bool:
+    return event_type in _handlers
+
+
 def store_event(event: dict) -> tuple[int, bool]:
     """Store the event unless it is stored already; returns (row id, newly stored).
-    Concurrent deliveries of one event store one row (INSERT ... ON CONFLICT)."""
+    Concurrent deliveries of one event store one row (INSERT ... ON CONFLICT). An
+    event no handler takes (`invoiceitem.updated`, ...) is stored as processed: no
+    job is spent on it."""
     insert = postgresql.insert if db.engine.dialect.name == "postgresql" else sqlite.insert
+    now = utcnow()
     inserted = db.session.execute(
         insert(StripeEvent)
         .values(stripe_event_id=event["id"], type=event["type"], stripe_created=event["created"], payload=event,
-                received_at=utcnow(), attempts=0)
+                received_at=now, attempts=0, processed_at=None if has_handler(event["type"]) else now)
         .on_conflict_do_nothing(index_elements=["stripe_event_id"])
         .returning(StripeEvent.id)
     ).scalar()

@@ -44,7 +44,7 @@ from sqlalchemy.orm import selectinload
 
 from portal.billing.lines import StripeLine, TooManyLines, stripe_lines
 from portal.extensions import db
-from portal.locks import LockLost, invoice_lock
+from portal.locks import DEFAULT_WAIT_SECONDS, LockLost, invoice_lock
 from portal.models import Invoice, InvoiceItem, Organization, SyncRun
 from portal.models.types import utcnow
 from portal.stripe_gateway import (
@@ -364,22 +364,24 @@ def _load(invoice_id: int) -> Invoice | None:
 
 
 def sync_invoice(invoice_id: int, trigger: str = "manual", job_id: str | None = None,
-                 stripe: StripeGateway | None = None) -> SyncRun:
+                 stripe: StripeGateway | None = None, wait_seconds: float = DEFAULT_WAIT_SECONDS) -> SyncRun:
     """Make the Stripe draft equal to the portal invoice; returns the SyncRun recorded.
-    Safe to run twice or concurrently (see the module docstring)."""
+    Safe to run twice or concurrently (see the module docstring). Finding the invoice
+    locked for `wait_seconds` (jobs wait none) ends the run as `locked`."""
     record = SyncRun(invoice_id=invoice_id, trigger=trigger, job_id=job_id, started_at=utcnow())
     session = db.session()
     # Values read stay readable after each commit without a new query: a transaction
     # must not be open while we wait on Stripe (on SQLite it would hold the write lock).
     expire_on_commit, session.expire_on_commit = session.expire_on_commit, False
     try:
-        return _sync_locked(invoice_id, record, stripe)
+        return _sync_locked(invoice_id, record, stripe, wait_seconds)
     finally:
         session.expire_on_commit = expire_on_commit
 
 
-def _sync_locked(invoice_id: int, record: SyncRun, stripe: StripeGateway | None) -> SyncRun:
-    with invoice_lock(invoice_id) as lock:
+def _sync_locked(invoice_id: int, record: SyncRun, stripe: StripeGateway | None,
+                 wait_seconds: float) -> SyncRun:
+    with invoice_lock(invoice_id, wait_seconds) as lock:
         if lock is None:
             return _finish(record, "locked", None)
         invoice = _load(invoice_id)

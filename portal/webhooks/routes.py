@@ -1,5 +1,6 @@
 """`POST /webhooks/stripe`: verify the signature on the raw body, store the event
-(unique on Stripe's id), answer 2xx, and enqueue its processing after the commit.
+(unique on Stripe's id), answer 2xx, and enqueue its processing after the commit
+(only for event types the portal handles: the rest are stored as processed).
 
 If Redis is down the event is still stored and acknowledged; the stored-event sweep
 processes it later. Exempt from CSRF and from login, and from nothing else.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify, request
 
-from portal.billing.events import enqueue_processing, store_event
+from portal.billing.events import enqueue_processing, has_handler, store_event
 from portal.extensions import db
 from portal.stripe_gateway import WebhookRejected, verify_webhook
 
@@ -31,6 +32,8 @@ def stripe_webhook():
         return jsonify({"error": str(rejected)}), 400
     row_id, created = store_event(event)
     db.session.commit()
+    if not has_handler(event["type"]):
+        return jsonify({"received": True, "duplicate": not created})  # stored; nothing to do
     try:
         enqueue_processing(row_id)
     except Exception as error:  # Redis down: the event is stored, the sweep will process it
