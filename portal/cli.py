@@ -11,6 +11,22 @@ from portal.extensions import db
 from portal.models import Membership, Organization, User
 
 
+def _needs_redis(command):
+    """Commands that lock invoices or queue jobs: Redis down is a one-line error."""
+    import functools
+
+    from redis.exceptions import RedisError
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except RedisError as error:
+            raise click.ClickException(f"Redis (REDIS_URL) does not answer: {error}; start it and run again") \
+                from error
+    return run
+
+
 def register_commands(app: Flask) -> None:
     app.cli.add_command(seed_demo)
     app.cli.add_command(create_user)
@@ -116,6 +132,7 @@ def stripe_portal_configuration(return_url: str) -> None:
 @click.command("close-cycle")
 @click.option("--org", "org_slug", help="Close this organization's open invoice now, whatever its period.")
 @click.option("--due", is_flag=True, help="Close every invoice whose period has ended.")
+@_needs_redis
 def close_cycle(org_slug: str | None, due: bool) -> None:
     """End-of-cycle close: final sync, finalize at Stripe, open the next invoice."""
     from portal.billing.closing import CloseError, due_invoice_ids
@@ -152,6 +169,7 @@ def close_cycle(org_slug: str | None, due: bool) -> None:
 @click.option("--invoice", "invoice_id", type=int, help="Sync this invoice.")
 @click.option("--all-dirty", is_flag=True, help="Sync every invoice with changes not yet at Stripe.")
 @click.option("--now", is_flag=True, help="Run in the foreground instead of queueing jobs.")
+@_needs_redis
 def sync(invoice_id: int | None, all_dirty: bool, now: bool) -> None:
     """Enqueue syncs of invoices with Stripe (or run them now with --now)."""
     from portal.billing.sync import sync_invoice, unsynced_invoice_ids

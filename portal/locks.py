@@ -58,6 +58,7 @@ class InvoiceLock:
         self.token = uuid4().hex
         self.lease_ms = int((lease_seconds or INVOICE_LOCK_LEASE_SECONDS) * 1000)
         self.lost = False
+        self.abandoned = False
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
         self._renew = self.redis.register_script(_RENEW)
@@ -85,11 +86,21 @@ class InvoiceLock:
             self.lost = True
             raise LockLost(f"{self.key}: held by someone else now")
 
+    def abandon(self) -> None:
+        """Stop renewing and keep the lock until its lease runs out: a write whose answer
+        never came may still land at Stripe (the lease outlasts any request), and nobody
+        may read the invoice and write again before it has."""
+        self.abandoned = True
+        self._stop.set()
+
     def release(self) -> bool:
         """Release if still ours; False (and logged) if the lease had been lost."""
         self._stop.set()
         if self._heartbeat is not None:
             self._heartbeat.join(timeout=2)
+        if self.abandoned:
+            log.warning("%s: left to expire with its lease (a write may still be in flight)", self.key)
+            return False
         try:
             released = bool(self._release(keys=[self.key], args=[self.token]))
         except RedisError as error:

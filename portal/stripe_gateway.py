@@ -154,6 +154,9 @@ class StripeGateway:
         self.recorder = recorder
         # Set by the holder of an invoice lock: called before every write try.
         self.fence = None
+        # A write was sent and no answer came back (a job timeout inside the call, a
+        # request timeout on its last try): it may still land at Stripe.
+        self.write_in_flight = False
         self.last_write_replayed = False
         self._tries = 0
 
@@ -245,17 +248,28 @@ class StripeGateway:
         key = record.idempotency_key if record else new_idempotency_key(operation)
         options = {"idempotency_key": key}
         self.last_write_replayed = False
+        self.write_in_flight = True  # until an answer says otherwise
         try:
             result = self._call(lambda: call(options), write=True, fence=True)
+            self.write_in_flight = False
+        except StripeUnavailable as failure:
+            # Retries ran out: on a timed-out last try the write may still land.
+            self.write_in_flight = isinstance(failure.__cause__, stripe.APIConnectionError)
+            if record:
+                self.recorder.finished(record, "unknown", self._tries, str(failure))
+            raise
         except OutcomeUnknown as failure:
+            self.write_in_flight = False  # Stripe answered (a 500): nothing more will land
             if record:
                 self.recorder.finished(record, "unknown", self._tries, str(failure))
             raise
         except StripeFailure as failure:
+            self.write_in_flight = False
             if record:
                 self.recorder.finished(record, "refused", self._tries, str(failure))
             raise
         except Exception as error:  # LockLost before the first try, a job timeout...
+            self.write_in_flight = type(error).__name__ != "LockLost"
             if record:
                 outcome = "not_sent" if self._tries <= 1 and type(error).__name__ == "LockLost" else "unknown"
                 self.recorder.finished(record, outcome, self._tries, f"{type(error).__name__}: {error}")

@@ -68,15 +68,12 @@ def test_a_repeated_id_inside_one_batch_counts_once(client, acme):
     assert current(client)["total"] == 200
 
 
-def test_event_ids_are_scoped_per_sender(app, client, acme):
-    app.config["PORTAL_API_TOKENS"] = ["machines:tok-a", "volumes:tok-b"]
-    try:
-        for token in ("tok-a", "tok-b"):
-            response = post_usage(client, [event("same-id", "acme", "egress.gb", "1")],
-                                  headers={"Authorization": f"Bearer {token}"})
-            assert response.get_json() == {"accepted": 1, "duplicates": 0}
-    finally:
-        app.config["PORTAL_API_TOKENS"] = ["test-token"]
+def test_event_ids_are_scoped_per_sender(app, client, monkeypatch, acme):
+    monkeypatch.setitem(app.config, "PORTAL_API_TOKENS", ["machines:tok-a", "volumes:tok-b"])
+    for token in ("tok-a", "tok-b"):
+        response = post_usage(client, [event("same-id", "acme", "egress.gb", "1")],
+                              headers={"Authorization": f"Bearer {token}"})
+        assert response.get_json() == {"accepted": 1, "duplicates": 0}
 
 
 def test_a_rejected_batch_can_be_resent_and_counts_once(client, db, acme):

@@ -28,7 +28,7 @@ PAYMENT_DELAY = 3600
 
 
 @pytest.fixture
-def due(db, app, make, stripe_emulator):
+def due(db, app, make, monkeypatch, stripe_emulator):
     """An organization whose open invoice's period has ended, synced to a Stripe draft;
     its Stripe customer has Stripe's test Visa card as its default payment method."""
     organization = make.organization(slug="acme")
@@ -36,11 +36,9 @@ def due(db, app, make, stripe_emulator):
     invoice = make.open_invoice(organization, at=datetime.now(timezone.utc) - timedelta(days=40))
     add_quantity(invoice, product, "", Decimal("12.5"))
     db.session.commit()
-    app.config["STRIPE_TEST_PAYMENT_METHOD"] = "pm_card_visa"
-    try:
+    with monkeypatch.context() as patch:  # only the customer this sync creates gets the card
+        patch.setitem(app.config, "STRIPE_TEST_PAYMENT_METHOD", "pm_card_visa")
         assert sync_invoice(invoice.id).outcome == "synced"
-    finally:
-        app.config["STRIPE_TEST_PAYMENT_METHOD"] = None
     return invoice.id
 
 
@@ -236,9 +234,11 @@ def test_close_cycle_now_ends_the_period_now_and_the_next_runs_to_the_usual_end(
 
 def test_close_cycle_due_command(db, runner, stripe_emulator, due):
     result = runner.invoke(args=["close-cycle", "--due"])
-    assert result.exit_code == 0 and f"invoice {due}: finalized" in result.output
-    assert runner.invoke(args=["close-cycle", "--due"]).output.strip().endswith("Nothing to close.")
-    assert runner.invoke(args=["close-cycle"]).exit_code != 0
+    assert (result.exit_code, result.output) == (0, f"invoice {due}: finalized\n")
+    again = runner.invoke(args=["close-cycle", "--due"])
+    assert (again.exit_code, again.output) == (0, "Nothing to close.\n")
+    neither = runner.invoke(args=["close-cycle"])
+    assert neither.exit_code == 2 and neither.output.endswith("Error: give exactly one of --org SLUG or --due\n")
 
 
 def test_api_shows_closed_invoices_newest_first(db, client, stripe_emulator, due):

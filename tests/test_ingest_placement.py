@@ -52,6 +52,7 @@ def test_late_usage_spanning_a_long_history_is_labelled_with_each_closed_period(
     assert next_cycle_start(ancient_cycle[0], 1) == ancient_cycle[1]
     assert invoice["total"] == 3000 == sum(i["amount"] for i in invoice["items"])
     closed = db.session.scalars(select(Invoice).where(Invoice.status == "paid")).all()
+    assert len(closed) == len(periods) == 24  # late usage went to the open invoice, never to a closed one
     assert all(i.total_cents == 0 and not i.items for i in closed)
 
 

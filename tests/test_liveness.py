@@ -35,7 +35,9 @@ def _invoice_with_usage(db, make, slug="acme", ended=False):
     invoice = make.open_invoice(organization, at=at)
     add_quantity(invoice, product, "", Decimal("2"))
     db.session.commit()
-    return invoice
+    invoice_id = invoice.id
+    db.session.commit()  # no transaction left open: on SQLite it would hold the write lock
+    return invoice_id
 
 
 def _burst(*queues: str, max_jobs: int | None = None) -> None:
@@ -46,10 +48,10 @@ def _burst(*queues: str, max_jobs: int | None = None) -> None:
 
 def test_a_sync_job_that_finds_the_invoice_locked_ends_at_once(db, app, make, stripe_emulator):
     use_app(app)
-    invoice = _invoice_with_usage(db, make)
-    with invoice_lock(invoice.id) as held:
+    invoice_id = _invoice_with_usage(db, make)
+    with invoice_lock(invoice_id) as held:
         assert held is not None
-        job_id = enqueue_sync(invoice.id, trigger="manual")
+        job_id = enqueue_sync(invoice_id, trigger="manual")
         started = time.monotonic()
         _burst("sync")
         assert time.monotonic() - started < 2  # not the lock's 30 s, nor any wait
@@ -59,24 +61,25 @@ def test_a_sync_job_that_finds_the_invoice_locked_ends_at_once(db, app, make, st
 
 def test_the_lock_holder_queues_a_sync_for_changes_made_while_it_worked(db, app, make, stripe_emulator):
     use_app(app)
-    invoice = _invoice_with_usage(db, make)
+    invoice_id = _invoice_with_usage(db, make)
     stripe_emulator.control.set_faults(rules=[{"kind": "latency", "path": "*/add_lines", "latency_ms": 1500}])
-    enqueue_sync(invoice.id)
+    enqueue_sync(invoice_id)
     import threading
 
     worker = threading.Thread(target=lambda: _run_in(app, lambda: _burst("sync", max_jobs=1)))
     worker.start()
     time.sleep(0.8)  # the job holds the lock, its add_lines in flight
-    add_quantity(db.session.get(Invoice, invoice.id), invoice.items[0].product, "late", Decimal("1"))
+    invoice = db.session.get(Invoice, invoice_id)
+    add_quantity(invoice, invoice.items[0].product, "late", Decimal("1"))
     db.session.commit()
-    enqueue_sync(invoice.id)  # the job this change asks for finds the invoice locked ...
+    enqueue_sync(invoice_id)  # the job this change asks for finds the invoice locked ...
     worker.join()
     stripe_emulator.control.clear_faults()
     assert Queue("sync", connection=redis_connection()).count == 1  # ... and one is waiting all the same
     _burst("sync")
     db.session.rollback()
-    assert not db.session.get(Invoice, invoice.id).has_unsynced_changes
-    assert_stripe_matches_portal(db, stripe_emulator, invoice.id)
+    assert not db.session.get(Invoice, invoice_id).has_unsynced_changes
+    assert_stripe_matches_portal(db, stripe_emulator, invoice_id)
 
 
 def _run_in(app, work):
@@ -86,23 +89,23 @@ def _run_in(app, work):
 
 def test_a_close_that_finds_the_invoice_locked_runs_again_shortly(db, app, make, stripe_emulator):
     use_app(app)
-    invoice = _invoice_with_usage(db, make, ended=True)
+    invoice_id = _invoice_with_usage(db, make, ended=True)
     redis = redis_connection()
-    with invoice_lock(invoice.id) as held:
+    with invoice_lock(invoice_id) as held:
         assert held is not None
-        assert enqueue_close(invoice.id) == enqueue_close(invoice.id)  # one close job per invoice
+        assert enqueue_close(invoice_id) == enqueue_close(invoice_id)  # one close job per invoice
         started = time.monotonic()
         _burst("default")
         assert time.monotonic() - started < 3
-    job = Queue("default", connection=redis).fetch_job(f"portal-close-{invoice.id}")
+    job = Queue("default", connection=redis).fetch_job(f"portal-close-{invoice_id}")
     assert job.return_value().startswith("deferred 5 s")
     scheduler = Scheduler(queue_name="default", connection=redis)
-    assert redis.zscore(scheduler.scheduled_jobs_key, f"portal-close-{invoice.id}") is not None
+    assert redis.zscore(scheduler.scheduled_jobs_key, f"portal-close-{invoice_id}") is not None
     time.sleep(5.2)
     scheduler.enqueue_jobs()  # what the scheduler process does on its next tick
     _burst("default")
     db.session.rollback()
-    assert db.session.get(Invoice, invoice.id).status == "finalized"
+    assert db.session.get(Invoice, invoice_id).status == "finalized"
 
 
 def test_sweeps_run_before_a_backlog_of_other_jobs(db, app):
@@ -139,13 +142,13 @@ def test_a_redis_restart_heals_without_an_operator(db, app, make, stripe_emulato
                                  stdout=logs[1], stderr=subprocess.STDOUT)
     try:
         first = _invoice_with_usage(db, make, "first")
-        _wait_until_synced(db, first.id, 20, tmp_path)
+        _wait_until_synced(db, first, 20, tmp_path)
         server.stop()  # Redis goes away with every job, schedule and lock in it
         time.sleep(3)
         assert worker.poll() is None and scheduler.poll() is None, _logs(tmp_path)
         server = RedisServer(tmp_path / "redis-b", port)  # back, empty
         second = _invoice_with_usage(db, make, "second")
-        _wait_until_synced(db, second.id, 30, tmp_path)  # nobody ran `flask schedule` again
+        _wait_until_synced(db, second, 30, tmp_path)  # nobody ran `flask schedule` again
         assert worker.poll() is None and scheduler.poll() is None, _logs(tmp_path)
         assert "registered again" in (tmp_path / "scheduler.log").read_text()
     finally:
@@ -165,9 +168,10 @@ def test_a_redis_restart_heals_without_an_operator(db, app, make, stripe_emulato
 def _wait_until_synced(db, invoice_id: int, seconds: float, tmp_path) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        db.session.rollback()
-        if db.session.scalar(select(SyncRun.id).where(SyncRun.invoice_id == invoice_id,
-                                                      SyncRun.outcome == "synced")):
+        synced = db.session.scalar(select(SyncRun.id).where(SyncRun.invoice_id == invoice_id,
+                                                            SyncRun.outcome == "synced"))
+        db.session.rollback()  # hold no transaction while the worker works (SQLite's write lock)
+        if synced:
             return
         time.sleep(0.2)
     raise AssertionError(f"invoice {invoice_id} not synced within {seconds} s\n{_logs(tmp_path)}")

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import threading
+import time
 from decimal import Decimal
 
 import pytest
 from sqlalchemy import delete, select
 
+import portal.locks
 from portal.billing.pricing import add_quantity, mark_changed
 from portal.billing.sync import sync_invoice, unsynced_invoice_ids
 from portal.models import Invoice, InvoiceItem, StripeWrite, SyncRun
@@ -53,7 +55,8 @@ def test_first_sync_creates_customer_draft_and_lines(db, stripe_emulator, billed
     assert stripe_invoice.status == "draft" and stripe_invoice.auto_advance is True
     assert stripe_invoice.automatically_finalizes_at == int(invoice.period_end.timestamp()) + 2 * 3600
     create = next(r for r in stripe_emulator.control.requests_log(path="/v1/invoices", method="POST"))
-    assert create["params"]["auto_advance"] in ("true", True) and "automatically_finalizes_at" in create["params"]
+    assert create["params"]["auto_advance"] == "true"  # both in the one create call (form-encoded)
+    assert create["params"]["automatically_finalizes_at"] == str(stripe_invoice.automatically_finalizes_at)
     assert stripe_invoice.metadata["portal_invoice_id"] == str(invoice_id)
     assert not invoice.has_unsynced_changes
     # Every item named the draft: nothing is left pending for the customer (FAILURES #7).
@@ -124,7 +127,9 @@ def test_beyond_the_threshold_items_roll_up_per_product(db, stripe_emulator, mak
     assert_stripe_matches_portal(db, stripe_emulator, invoice.id)
 
 
-def test_a_run_that_died_after_stripe_applied_its_write_leaves_no_duplicate(db, app, stripe_emulator, billed):
+def test_a_run_that_died_after_stripe_applied_its_write_leaves_no_duplicate(db, app, stripe_emulator, billed,
+                                                                            monkeypatch):
+    monkeypatch.setattr(portal.locks, "INVOICE_LOCK_LEASE_SECONDS", 1)
     invoice_id, _ = billed
     # The add_lines is applied at Stripe, then the connection drops: to the run it
     # is as if it died before recording anything (no retries allowed here).
@@ -133,6 +138,9 @@ def test_a_run_that_died_after_stripe_applied_its_write_leaves_no_duplicate(db, 
     first = sync_invoice(invoice_id, stripe=gateway)
     assert first.outcome == "stripe_unavailable"
     assert db.session.get(Invoice, invoice_id).has_unsynced_changes
+    # No answer came: the write may still land, so the lock is left to its lease.
+    assert sync_invoice(invoice_id, wait_seconds=0).outcome == "locked"
+    time.sleep(1.2)
     second = sync_invoice(invoice_id)
     assert second.outcome == "unchanged", second.error
     assert second.created == 0 and second.stripe_writes == 0  # adopted by metadata, not created again
@@ -278,13 +286,17 @@ def test_every_run_is_recorded(db, stripe_emulator, billed):
     sync_invoice(invoice_id, trigger="manual")
     runs = db.session.scalars(select(SyncRun).order_by(SyncRun.id)).all()
     assert [(r.trigger, r.outcome) for r in runs] == [("schedule", "synced"), ("manual", "unchanged")]
-    assert all(r.finished_at and r.duration_seconds is not None and r.stripe_calls > 0 for r in runs)
+    # synced: two adoption lookups, then customer, draft and one add_lines; unchanged: the
+    # draft and one page of its lines.
+    assert [(r.stripe_reads, r.stripe_writes) for r in runs] == [(2, 3), (2, 0)]
+    assert all(r.finished_at and r.duration_seconds is not None for r in runs)
 
 
-def test_without_stripe_configured_the_run_says_so(db, app, billed):
+def test_without_stripe_configured_the_run_says_so(db, app, monkeypatch, billed):
     invoice_id, _ = billed
-    app.config["STRIPE_API_KEY"] = None
-    assert sync_invoice(invoice_id).outcome == "stripe_not_configured"
+    monkeypatch.setitem(app.config, "STRIPE_API_KEY", None)
+    run = sync_invoice(invoice_id)
+    assert (run.outcome, run.error) == ("stripe_not_configured", "STRIPE_API_KEY is not set")
 
 
 def test_a_customer_left_by_a_crashed_run_is_adopted_not_created_again(db, stripe_emulator, billed):

@@ -61,7 +61,10 @@ def test_sync_job_runs_and_reports_its_result(db, client, worker, stripe_emulato
     status = client.get(f"/api/v1/jobs/{job_id}", headers=HEADERS).get_json()
     assert status["status"] == "finished" and status["result"]["outcome"] == "synced"
     runs = client.get(f"/api/v1/invoices/{invoice_id}/sync-runs", headers=HEADERS).get_json()["sync_runs"]
-    assert runs[0]["outcome"] == "synced" and runs[0]["stripe_calls"] >= 3 and runs[0]["job_id"] == job_id
+    # Two reads (adoption lookups for the customer and the draft), three writes
+    # (customer, draft, one add_lines).
+    assert runs[0]["outcome"] == "synced" and runs[0]["job_id"] == job_id
+    assert (runs[0]["stripe_reads"], runs[0]["stripe_writes"], runs[0]["stripe_calls"]) == (2, 3, 5)
     assert_stripe_matches_portal(db, stripe_emulator, invoice_id)
     # Once started, a new request queues a new job.
     assert client.post(f"/api/v1/invoices/{invoice_id}/sync", headers=HEADERS).get_json()["job_id"] != job_id
@@ -114,11 +117,15 @@ def test_schedule_and_sync_commands(runner, db, stripe_emulator, two_invoices):
     assert "added: portal-close-due-cycles" in result.output and "added: portal-sweep-stored-events" in result.output
     assert "kept: portal-sweep-unsynced" in runner.invoke(args=["schedule"]).output
     result = runner.invoke(args=["sync", "--invoice", str(two_invoices[0]), "--now"])
-    assert result.exit_code == 0 and "synced" in result.output, result.output
+    assert (result.exit_code, result.output) == (
+        0, f"invoice {two_invoices[0]}: synced (created 1, updated 0, deleted 0, unchanged 0; 5 Stripe calls)\n")
     result = runner.invoke(args=["sync", "--all-dirty"])
     assert result.exit_code == 0 and f"invoice {two_invoices[1]}: queued job" in result.output
-    assert runner.invoke(args=["sync"]).exit_code != 0
-    assert runner.invoke(args=["sync", "--invoice", "999"]).exit_code != 0
+    neither = runner.invoke(args=["sync"])
+    assert neither.exit_code == 2
+    assert neither.output.endswith("Error: give exactly one of --invoice ID or --all-dirty\n")
+    missing = runner.invoke(args=["sync", "--invoice", "999"])
+    assert (missing.exit_code, missing.output) == (1, "Error: no invoice 999\n")
 
 
 def test_request_budget_is_shared_and_never_exceeded(app):

@@ -148,6 +148,8 @@ def _finalize(invoice_id: int, stripe: StripeGateway, wait_seconds: float) -> st
             raise CloseError(f"finalize invoice {invoice_id}: {failure}") from failure
         finally:
             stripe.fence = None
+            if stripe.write_in_flight:
+                lock.abandon()
         return apply_stripe_invoice(invoice_id, stripe_invoice, stripe=stripe)
 
 

@@ -387,6 +387,13 @@ def _sync_locked(invoice_id: int, record: SyncRun, stripe: StripeGateway | None,
         invoice = _load(invoice_id)
         if invoice is None:
             raise LookupError(f"no invoice {invoice_id}")
+        # We hold the lock: a run of this invoice still without an outcome died (its
+        # process was killed) and will never record one.
+        db.session.execute(
+            update(SyncRun).where(SyncRun.invoice_id == invoice_id, SyncRun.finished_at.is_(None))
+            .values(outcome="died", finished_at=utcnow(),
+                    error="its process ended before the run finished (killed, or its machine lost)")
+            .execution_options(synchronize_session=False))
         db.session.add(record)
         db.session.commit()
         if invoice.status not in SYNCABLE_STATUSES:
@@ -402,6 +409,8 @@ def _sync_locked(invoice_id: int, record: SyncRun, stripe: StripeGateway | None,
             return _run_once(invoice, invoice_id, record, stripe)
         finally:
             stripe.fence = None
+            if stripe.write_in_flight:
+                lock.abandon()  # no one syncs this invoice until that write has landed
 
 
 def _run_once(invoice: Invoice, invoice_id: int, record: SyncRun, stripe: StripeGateway) -> SyncRun:
@@ -416,6 +425,8 @@ def _run_once(invoice: Invoice, invoice_id: int, record: SyncRun, stripe: Stripe
         outcome, error = "lock_lost", str(lost)
     except StripeUnavailable as failure:
         outcome, error = "stripe_unavailable", str(failure)
+    except OutcomeUnknown as failure:  # creating the customer or draft, or the schedule
+        outcome, error = "unknown_outcome", str(failure)
     except (StripeRejected, InvoiceNotEditable, StripeObjectMissing, StripeFailure) as failure:
         outcome, error = "rejected", str(failure)
     except TooManyLines as failure:
