@@ -32,14 +32,17 @@ def rebuild_database(url: str) -> None:
                    env={**os.environ, "DATABASE_URL": url, "SECRET_KEY": "bench"}, capture_output=True)
 
 
-def start_web(env: dict, workers: int, threads: int = 1) -> tuple[subprocess.Popen, str]:
+def start_web(env: dict, workers: int, threads: int = 1, port: int | None = None,
+              output=None) -> tuple[subprocess.Popen, str]:
     """gunicorn serving the portal with `env`; returns the process and its base URL
-    once /healthz answers."""
-    port = free_port()
+    once /healthz answers. `port` (default: a free one) and `output` (a file for its
+    stdout and stderr; default: inherited) are optional."""
+    port = port or free_port()
     process = subprocess.Popen(
         [str(ROOT / ".venv/bin/gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
          "--threads", str(threads), "--log-level", "warning", "wsgi:app"],
-        cwd=ROOT, env={**os.environ, "SECRET_KEY": "bench", **env})
+        cwd=ROOT, env={**os.environ, "SECRET_KEY": "bench", **env}, stdout=output,
+        stderr=subprocess.STDOUT if output is not None else None)
     base = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:
