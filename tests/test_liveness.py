@@ -10,16 +10,18 @@ import time
 from decimal import Decimal
 from pathlib import Path
 
+import redis as redis_lib
 from rq import Queue, SimpleWorker
 from rq_scheduler import Scheduler
 from sqlalchemy import select
 
 from jobs.app import use_app
 from portal.billing.pricing import add_quantity
+from portal.billing.sync import sync_invoice
 from portal.billing.sync_queue import enqueue_close, enqueue_sync
 from portal.locks import invoice_lock
 from portal.models import Invoice, SyncRun
-from portal.queue import redis_connection
+from portal.queue import QUEUE_NAMES, redis_connection
 from tests.services import RedisServer, free_port
 from tests.sync_helpers import assert_stripe_matches_portal
 
@@ -60,22 +62,27 @@ def test_a_sync_job_that_finds_the_invoice_locked_ends_at_once(db, app, make, st
 
 
 def test_the_lock_holder_queues_a_sync_for_changes_made_while_it_worked(db, app, make, stripe_emulator):
+    import threading
+
+    from jobs.sync import sync_invoice as sync_job
+
     use_app(app)
     invoice_id = _invoice_with_usage(db, make)
     stripe_emulator.control.set_faults(rules=[{"kind": "latency", "path": "*/add_lines", "latency_ms": 1500}])
-    enqueue_sync(invoice_id)
-    import threading
-
-    worker = threading.Thread(target=lambda: _run_in(app, lambda: _burst("sync", max_jobs=1)))
-    worker.start()
-    time.sleep(0.8)  # the job holds the lock, its add_lines in flight
+    results = {}
+    holder = threading.Thread(target=lambda: results.update(holder=sync_job(invoice_id, "manual")))
+    holder.start()
+    time.sleep(0.8)  # the holder has the lock, its add_lines in flight
     invoice = db.session.get(Invoice, invoice_id)
     add_quantity(invoice, invoice.items[0].product, "late", Decimal("1"))
     db.session.commit()
-    enqueue_sync(invoice_id)  # the job this change asks for finds the invoice locked ...
-    worker.join()
+    started = time.monotonic()
+    assert sync_job(invoice_id, "manual")["outcome"] == "locked"  # the job this change asked for ...
+    assert time.monotonic() - started < 1  # ... ends at once
+    holder.join()
     stripe_emulator.control.clear_faults()
-    assert Queue("sync", connection=redis_connection()).count == 1  # ... and one is waiting all the same
+    assert results["holder"]["outcome"] == "synced"
+    assert Queue("sync", connection=redis_connection()).count == 1  # the holder queued the follow-up
     _burst("sync")
     db.session.rollback()
     assert not db.session.get(Invoice, invoice_id).has_unsynced_changes
@@ -108,16 +115,52 @@ def test_a_close_that_finds_the_invoice_locked_runs_again_shortly(db, app, make,
     assert db.session.get(Invoice, invoice_id).status == "finalized"
 
 
-def test_sweeps_run_before_a_backlog_of_other_jobs(db, app):
+def test_sweeps_run_before_thousands_of_queued_event_jobs(db, app):
     use_app(app)
     redis = redis_connection()
-    for n in range(50):
-        Queue("webhooks", connection=redis).enqueue("jobs.webhooks.process_stripe_event", 10_000 + n)
-        Queue("sync", connection=redis).enqueue("jobs.sync.sync_invoice", 10_000 + n)
+    for queue_name, func in (("webhooks", "jobs.webhooks.process_stripe_event"), ("sync", "jobs.sync.sync_invoice")):
+        Queue(queue_name, connection=redis).enqueue_many(
+            [Queue.prepare_data(func, (10_000 + n,)) for n in range(2000)])
     sweep = Queue("sweeps", connection=redis).enqueue("jobs.sync.sweep_unsynced")
-    _burst("sweeps", "sync", "webhooks", "default", max_jobs=1)
+    _burst(*QUEUE_NAMES, max_jobs=1)  # the order every worker serves them in
     assert sweep.get_status(refresh=True) == "finished"
-    assert Queue("webhooks", connection=redis).count == 50 and Queue("sync", connection=redis).count == 50
+    assert Queue("webhooks", connection=redis).count == 2000 and Queue("sync", connection=redis).count == 2000
+
+
+def test_a_lock_holder_killed_mid_sync_frees_the_invoice_within_one_lease(db, app, make, stripe_emulator,
+                                                                         database_uri, redis_url):
+    invoice_id = _invoice_with_usage(db, make)
+    lease = 2
+    env = {**os.environ, "DATABASE_URL": database_uri, "REDIS_URL": redis_url, "SECRET_KEY": "x",
+           "STRIPE_API_KEY": stripe_emulator.api_key, "STRIPE_API_BASE": stripe_emulator.url,
+           "PORTAL_LOCK_LEASE_SECONDS": str(lease)}
+    stripe_emulator.control.set_faults(rules=[{"kind": "latency", "path": "*/add_lines", "latency_ms": 5000}])
+    holder = subprocess.Popen([str(Path(sys.executable).parent / "flask"), "--app", "wsgi", "sync", "--invoice",
+                               str(invoice_id), "--now"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    key = f"portal:lock:invoice:{invoice_id}"
+    redis = redis_connection()
+    deadline = time.monotonic() + 20
+    # The draft created, its add_lines (held 5 s by Stripe) is next.
+    while not any(r["path"] == "/v1/invoices" and r["method"] == "POST"
+                  for r in stripe_emulator.control.requests_log()):
+        assert time.monotonic() < deadline and holder.poll() is None, "the sync never created its draft"
+        time.sleep(0.02)
+    time.sleep(lease * 1.5)
+    assert redis.exists(key)  # a live holder keeps it past its lease: renewed
+    holder.kill()  # mid-sync, lock held, add_lines in flight
+    holder.wait()
+    killed_at = time.monotonic()
+    while redis.exists(key):
+        assert time.monotonic() - killed_at < lease + 0.5, "the dead holder's lock outlived its lease"
+        time.sleep(0.05)
+    freed_after = time.monotonic() - killed_at
+    assert freed_after <= lease + 0.5
+    stripe_emulator.control.clear_faults()
+    time.sleep(max(0.0, 5.5 - (time.monotonic() - killed_at)))  # the add_lines it sent lands
+    run = sync_invoice(invoice_id)
+    assert (run.outcome, run.stripe_writes) == ("unchanged", 0), run.error  # its lines landed, once
+    assert_stripe_matches_portal(db, stripe_emulator, invoice_id)
 
 
 def test_a_redis_restart_heals_without_an_operator(db, app, make, stripe_emulator, database_uri, tmp_path):
@@ -143,7 +186,12 @@ def test_a_redis_restart_heals_without_an_operator(db, app, make, stripe_emulato
     try:
         first = _invoice_with_usage(db, make, "first")
         _wait_until_synced(db, first, 20, tmp_path)
-        server.stop()  # Redis goes away with every job, schedule and lock in it
+        # `redis-cli shutdown nosave`: Redis goes away with every job, schedule and lock.
+        try:
+            redis_lib.Redis.from_url(redis_url).shutdown(nosave=True)
+        except redis_lib.ConnectionError:
+            pass  # the server closes the connection as it goes
+        server.process.wait(timeout=10)
         time.sleep(3)
         assert worker.poll() is None and scheduler.poll() is None, _logs(tmp_path)
         server = RedisServer(tmp_path / "redis-b", port)  # back, empty
