@@ -373,19 +373,19 @@ class WriteRecorder:
         return record
 
     def finished(self, record, outcome: str, tries: int, error: str | None, object_id: str | None = None) -> None:
-        from sqlalchemy import update
+        from sqlalchemy import func, update
 
         from portal.extensions import db
         from portal.models import StripeWrite
 
-        db.session.rollback()
         values = {"outcome": outcome, "tries": tries, "error": error[:2000] if error else None,
                   "finished_at": _now()}
-        if object_id and not record.stripe_object_id:
-            values["stripe_object_id"] = object_id
+        if object_id:  # what it created, unless it was made for a known object
+            values["stripe_object_id"] = func.coalesce(StripeWrite.stripe_object_id, object_id)
         db.session.execute(update(StripeWrite).where(StripeWrite.id == record.id).values(**values)
                            .execution_options(synchronize_session=False))
         db.session.commit()
+        db.session.expire(record)  # read again when next used (the session may not expire on commit)
 
 
 def _now():
