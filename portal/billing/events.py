@@ -87,7 +87,7 @@ def process_event(row_id: int) -> str:
     return outcome
 
 
-def unprocessed_event_ids(older_than: timedelta = timedelta(seconds=30)) -> list[int]:
+def unprocessed_event_ids(older_than: timedelta = timedelta(seconds=10)) -> list[int]:
     """Stored events not processed yet (their job was lost or failed), oldest first."""
     return list(db.session.scalars(
         select(StripeEvent.id).where(
