@@ -7,6 +7,7 @@ embedded default), and Stripe is off until `STRIPE_API_KEY` is set.
 from __future__ import annotations
 
 import os
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from dotenv import load_dotenv
@@ -18,6 +19,26 @@ load_dotenv(BASE_DIR / ".env")
 def _int(name: str, default: int) -> int:
     value = os.environ.get(name)
     return int(value) if value not in (None, "") else default
+
+
+def _bool(name: str, default: bool) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    return default
+
+
+def _decimal(name: str, default: str) -> Decimal:
+    value = os.environ.get(name) or default
+    try:
+        number = Decimal(value)
+    except InvalidOperation:
+        raise ValueError(f"{name} must be a decimal number, not {value!r}") from None
+    if not number.is_finite() or number <= 0:
+        raise ValueError(f"{name} must be a positive decimal number, not {value!r}")
+    return number
 
 
 def _list(name: str) -> list[str]:
@@ -55,11 +76,35 @@ class Config:
     # Test keys only (refused with a live key): a Stripe test payment method such as
     # `pm_card_visa` given to each new Stripe customer, so the demo's invoices get paid.
     STRIPE_TEST_PAYMENT_METHOD = os.environ.get("STRIPE_TEST_PAYMENT_METHOD") or None
-    # A full usage batch (5,000 events) is about 1 MB of JSON.
+    # A full usage batch (5,000 events) is about 1 MB of JSON. Bodies over this are
+    # refused with 413, chunked or not.
     MAX_CONTENT_LENGTH = 8 * 1024 * 1024
+    # Usage older than this many days (or from before its organization existed) is
+    # refused: billed periods are not reopened by a late or replayed event.
+    USAGE_LOOKBACK_DAYS = _int("USAGE_LOOKBACK_DAYS", 35)
+    # The largest quantity one usage event may carry (a decimal); larger is refused.
+    USAGE_MAX_QUANTITY = _decimal("USAGE_MAX_QUANTITY", "1000000000")
     SESSION_COOKIE_HTTPONLY = True
     SESSION_COOKIE_SAMESITE = "Lax"
+    # The session cookie travels over HTTPS only; the run command's local http demo
+    # (and the tests) turn it off with SESSION_COOKIE_SECURE=0.
+    SESSION_COOKIE_SECURE = _bool("SESSION_COOKIE_SECURE", True)
+    # A session ends after this long without a request, and this long after sign-in.
+    SESSION_IDLE_MINUTES = _int("SESSION_IDLE_MINUTES", 30)
+    SESSION_MAX_HOURS = _int("SESSION_MAX_HOURS", 12)
     WTF_CSRF_TIME_LIMIT = None
+    # Sign-in attempts (Flask-Limiter, counted in Redis at REDIS_URL): per email and
+    # per client address; past them the answer is 429 with Retry-After.
+    LOGIN_LIMIT_PER_ACCOUNT = os.environ.get("LOGIN_LIMIT_PER_ACCOUNT", "10 per 15 minutes")
+    LOGIN_LIMIT_PER_ADDRESS = os.environ.get("LOGIN_LIMIT_PER_ADDRESS", "30 per 15 minutes")
+    # Proxies in front of the portal that set X-Forwarded-For/-Proto (0: none): the
+    # client address the limits count, and whether the request was HTTPS (HSTS).
+    TRUSTED_PROXY_COUNT = _int("TRUSTED_PROXY_COUNT", 0)
+    # argon2id password hashing (OWASP ASVS: at least t=2, 19 MiB); these are
+    # argon2-cffi's RFC 9106 defaults. Older or weaker hashes are replaced at sign-in.
+    ARGON2_TIME_COST = _int("ARGON2_TIME_COST", 3)
+    ARGON2_MEMORY_COST = _int("ARGON2_MEMORY_COST", 64 * 1024)  # KiB
+    ARGON2_PARALLELISM = _int("ARGON2_PARALLELISM", 4)
 
 
 class TestConfig(Config):
@@ -72,3 +117,8 @@ class TestConfig(Config):
     # Tests that are about the request budget set their own.
     STRIPE_MAX_REQUESTS_PER_SECOND = 1000
     STRIPE_TEST_PAYMENT_METHOD = None
+    SESSION_COOKIE_SECURE = False  # the test client speaks http
+    # Fast hashes in tests only; tests about the cost set their own.
+    ARGON2_TIME_COST = 1
+    ARGON2_MEMORY_COST = 8
+    ARGON2_PARALLELISM = 1

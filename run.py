@@ -169,11 +169,12 @@ def _instance_secret(instance: Path, name: str, make) -> str:
 def serve() -> int:
     ensure_venv(RUNTIME_REQUIREMENTS)
     instance = Path(os.environ.get("PORTAL_INSTANCE_DIR", ROOT / "instance")).resolve()
-    instance.mkdir(parents=True, exist_ok=True)
+    instance.mkdir(mode=0o700, parents=True, exist_ok=True)  # the database, secrets and token live here
     env = dict(os.environ)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("DATABASE_URL", f"sqlite:///{instance / 'portal.db'}")
     env.setdefault("SYNC_INTERVAL_SECONDS", "15")  # the demo shows changes reaching Stripe quickly
+    env.setdefault("SESSION_COOKIE_SECURE", "0")  # the demo is served over plain http on this machine
     env.setdefault("SECRET_KEY", _instance_secret(instance, "secret_key", lambda: secrets.token_hex(32)))
     demo_token = None
     if not env.get("PORTAL_API_TOKENS"):

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from flask import Flask
 
+from portal.converters import register as register_converters
 from portal.extensions import csrf, db, login_manager, migrate
+from portal.security import init_security
 
 
 def create_app(config: object | None = None) -> Flask:
@@ -27,6 +29,7 @@ def create_app(config: object | None = None) -> Flask:
     login_manager.init_app(app)
     login_manager.login_view = "auth.login"
     csrf.init_app(app)
+    init_security(app)
 
     from portal import models  # noqa: F401  (register the models with the metadata)
     from portal.database import configure_engine
@@ -36,6 +39,7 @@ def create_app(config: object | None = None) -> Flask:
         configure_engine(db.engine)
     init_redis(app)
 
+    register_converters(app)  # <dbint:...>, <slug:...>, <jobid:...> for the routes below
     from portal.admin import bp as admin_bp
     from portal.api import bp as api_bp
     from portal.auth import bp as auth_bp

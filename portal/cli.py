@@ -66,18 +66,21 @@ def catalog_list() -> None:
 def catalog_set(code: str, name: str | None, unit: str | None, price: str | None, kind: str | None,
                 active: bool | None) -> None:
     """Create or change a product."""
-    from decimal import Decimal, InvalidOperation
+    from decimal import Decimal
 
+    from portal import money
     from portal.models import AuditEntry, Product
 
     product = db.session.scalar(select(Product).where(Product.code == code))
     if price is not None:
-        try:
-            price_value = Decimal(price)
-        except InvalidOperation:
-            raise click.BadParameter("not a decimal number", param_hint="--price") from None
-        if not price_value.is_finite() or price_value < 0:
-            raise click.BadParameter("must be a finite, non-negative number of cents", param_hint="--price")
+        try:  # the money module's one decimal grammar: plain digits, not negative
+            price_value = money.parse_decimal(price, field="the price")
+        except money.MoneyError:
+            raise click.BadParameter("must be a finite, non-negative number of cents", param_hint="--price") \
+                from None
+        if price_value != price_value.quantize(Decimal("1e-10")) or price_value >= Decimal("1e14"):
+            raise click.BadParameter("at most 10 decimal places and 14 digits before the point",
+                                     param_hint="--price")
     if product is None:
         missing = [flag for flag, value in (("--name", name), ("--unit", unit), ("--price", price),
                                             ("--kind", kind)) if value is None]

@@ -1,6 +1,8 @@
 """Engine tuning per backend."""
 from __future__ import annotations
 
+import os
+
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
@@ -12,6 +14,10 @@ def configure_engine(engine: Engine) -> None:
     web process, a worker and the scheduler share the file."""
     if engine.dialect.name != "sqlite":
         return
+
+    @event.listens_for(engine, "do_connect")
+    def _create_private(_dialect, _record, _cargs, _cparams):
+        create_private_file(engine.url.database, engine.url.query)
 
     @event.listens_for(engine, "connect")
     def _sqlite_pragmas(dbapi_connection, _record):
@@ -26,6 +32,23 @@ def configure_engine(engine: Engine) -> None:
     @event.listens_for(engine, "begin")
     def _begin_immediate(connection):
         connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def create_private_file(database: str | None, query=None) -> None:
+    """Create a SQLite database file readable and writable by its owner only (0600)
+    before SQLite opens it; SQLite would create it with the umask's mode (usually
+    0644: readable by every local user). Its -wal and -shm files take the database
+    file's mode. An existing file, an in-memory database or a URI filename is left
+    as it is."""
+    if not database or database == ":memory:" or (query or {}).get("uri") or database.startswith("file:"):
+        return
+    try:
+        descriptor = os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    except OSError:
+        return  # e.g. the folder is missing: SQLite reports it when it opens the file
+    os.close(descriptor)
 
 
 class RetryTransaction(Exception):

@@ -42,8 +42,13 @@ def seed() -> bool:
             product = Product(code=code, name=name, unit=unit, unit_price=Decimal(price), kind=kind)
             db.session.add(product)
         products[code] = product
-    acme = Organization(slug="acme", name="Acme Cloud", billing_email="billing@acme.example", cycle_anchor_day=1)
-    globex = Organization(slug="globex", name="Globex", billing_email="ap@globex.example", cycle_anchor_day=15)
+    # Customers for a while: their usage goes back to the start of the current cycle,
+    # and usage from before an organization existed is refused.
+    since = utcnow() - timedelta(days=90)
+    acme = Organization(slug="acme", name="Acme Cloud", billing_email="billing@acme.example", cycle_anchor_day=1,
+                        created_at=since)
+    globex = Organization(slug="globex", name="Globex", billing_email="ap@globex.example", cycle_anchor_day=15,
+                          created_at=since)
     users = {}
     for email, _ in DEMO_LOGINS:
         user = User(email=email, name=email.split("@")[0].title(), is_support=email.startswith("support"))

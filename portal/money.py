@@ -10,6 +10,7 @@ it rolls up. Every amount the portal stores or sends to Stripe comes from here.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 from datetime import datetime
 from decimal import ROUND_HALF_UP, Context, Decimal, InvalidOperation
@@ -26,33 +27,80 @@ class MoneyError(ValueError):
     """A value that cannot be billed: not a finite decimal, negative, or absurd."""
 
 
-def to_decimal(value: object, *, field: str = "value") -> Decimal:
-    """Parse a price or quantity given as str, int, Decimal or float (a float by its
-    shortest repr, the decimal its sender wrote). Refuses bools, NaN and infinities."""
+# The one grammar for decimals written as text, everywhere the portal reads one (API
+# quantities, catalog prices, support's credit amounts, JSON numbers in API bodies):
+# ASCII digits, an optional leading '-', an optional '.' and more ASCII digits.
+# Nothing else: no '+', no exponent, no '_', no thousands separators, no spaces
+# around it, no other scripts' digits, no "NaN" or "Infinity".
+DECIMAL_GRAMMAR = re.compile(r"-?[0-9]+(?:\.[0-9]+)?", re.ASCII)
+# Longer text is no number anyone bills.
+MAX_DECIMAL_TEXT = 64
+
+
+def _grammar_error(field: str, negative: bool) -> MoneyError:
+    sign = "an optional leading '-', " if negative else ""
+    return MoneyError(f"{field} must be a finite decimal number written as ASCII digits ({sign}an optional "
+                      "'.' fraction; no spaces, separators, '_' or exponent), e.g. \"12.5\"")
+
+
+def parse_decimal(text: str, *, field: str = "value", negative: bool = False) -> Decimal:
+    """Decimal text in the portal's one grammar (DECIMAL_GRAMMAR). A leading '-' only
+    when `negative` allows it, and never "-0" (a zero has no sign)."""
+    if not isinstance(text, str) or len(text) > MAX_DECIMAL_TEXT or not DECIMAL_GRAMMAR.fullmatch(text):
+        raise _grammar_error(field, negative)
+    number = Decimal(text)
+    if text.startswith("-"):
+        if not negative:
+            raise MoneyError(f"{field} must not be negative")
+        if not number:
+            raise MoneyError(f"{field} must not be negative zero")
+    return number
+
+
+def json_number(literal: str) -> Decimal:
+    """`parse_float` for API bodies: a JSON number with a fraction or exponent, read
+    exactly and held to the same grammar (an exponent is refused)."""
+    if len(literal) > MAX_DECIMAL_TEXT or not DECIMAL_GRAMMAR.fullmatch(literal):
+        raise ValueError(f"the number {literal[:MAX_DECIMAL_TEXT]} is not plain decimal digits "
+                         "(no exponent; write it as e.g. 1000 or 0.5)")
+    return Decimal(literal)
+
+
+def to_decimal(value: object, *, field: str = "value", negative: bool = True) -> Decimal:
+    """Parse a price or quantity given as text (DECIMAL_GRAMMAR), int, Decimal or float
+    (a float by its shortest repr, the decimal its sender wrote). Refuses bools, NaN
+    and infinities, and a negative value (or a signed zero) unless `negative`."""
     if isinstance(value, bool):
         raise MoneyError(f"{field} must be a decimal number")
+    if isinstance(value, str):
+        return parse_decimal(value, field=field, negative=negative)
     if isinstance(value, float):
         if not math.isfinite(value):
             raise MoneyError(f"{field} must be a finite decimal number")
         # A float's shortest repr is the decimal its sender wrote.
-        value = repr(value)
-    try:
-        number = Decimal(value) if isinstance(value, (str, int, Decimal)) else None
-    except (InvalidOperation, ValueError):
-        number = None
-    if number is None or not number.is_finite():
+        number = Decimal(repr(value))
+    elif isinstance(value, int):
+        number = Decimal(value)
+    elif isinstance(value, Decimal):
+        number = value
+    else:
         raise MoneyError(f"{field} must be a finite decimal number")
+    if not number.is_finite():
+        raise MoneyError(f"{field} must be a finite decimal number")
+    if number.is_signed() and not negative:
+        raise MoneyError(f"{field} must not be negative")
+    if number.is_signed() and not number:
+        raise MoneyError(f"{field} must not be negative zero")
     return number
 
 
-def quantity(value: object, *, field: str = "quantity") -> Decimal:
-    """A usage or service quantity: finite, non-negative, at most MAX_QUANTITY, and
-    with at most nine decimal places (what the database keeps)."""
-    number = to_decimal(value, field=field)
-    if number < 0:
-        raise MoneyError(f"{field} must not be negative")
-    if number > MAX_QUANTITY:
-        raise MoneyError(f"{field} is larger than {MAX_QUANTITY:f}")
+def quantity(value: object, *, field: str = "quantity", maximum: Decimal = MAX_QUANTITY) -> Decimal:
+    """A usage or service quantity: finite, non-negative (and not "-0"), at most
+    `maximum` (MAX_QUANTITY unless lower), and with at most nine decimal places (what
+    the database keeps)."""
+    number = to_decimal(value, field=field, negative=False)
+    if number > maximum:
+        raise MoneyError(f"{field} is larger than {maximum:f}")
     if number != number.quantize(Decimal(1).scaleb(-QUANTITY_PLACES), context=_CONTEXT):
         raise MoneyError(f"{field} has more than {QUANTITY_PLACES} decimal places")
     return number

@@ -27,7 +27,6 @@ that Stripe replays, and it never retries a plain 429.
 """
 from __future__ import annotations
 
-import json
 import random
 import time
 from collections.abc import Iterator
@@ -39,6 +38,7 @@ import stripe
 from flask import current_app
 
 from portal.queue import redis_connection
+from portal.text import has_control_characters
 
 MAX_ATTEMPTS = 6
 BACKOFF_BASE_SECONDS = 0.25
@@ -433,14 +433,41 @@ class WebhookRejected(Exception):
 WEBHOOK_TOLERANCE_SECONDS = 300
 
 
+# An event's `created` (a Unix time) is refused before 2010 or beyond a day from now.
+EARLIEST_EVENT_CREATED = 1262304000
+MAX_EVENT_CREATED_AHEAD_SECONDS = 86400
+
+
+def _signature_timestamps(signature_header: str) -> list[int]:
+    """The `t=` values of a Stripe-Signature header; WebhookRejected if one is not a
+    plain number."""
+    stamps = []
+    for part in signature_header.split(","):
+        key, _, value = part.strip().partition("=")
+        if key == "t":
+            if not value.isascii() or not value.isdigit() or len(value) > 12:
+                raise WebhookRejected("the signature's timestamp is not a Unix time")
+            stamps.append(int(value))
+    return stamps
+
+
 def verify_webhook(payload: bytes, signature_header: str | None, secrets: list[str],
-                   tolerance: int = WEBHOOK_TOLERANCE_SECONDS) -> dict:
+                   tolerance: int = WEBHOOK_TOLERANCE_SECONDS, now: float | None = None) -> dict:
     """The event, if `Stripe-Signature` signs this exact body with one of `secrets`
-    (several during a secret roll) within `tolerance` seconds; else WebhookRejected."""
+    (several during a secret roll) within `tolerance` seconds either side of now;
+    else WebhookRejected. The body must be strict JSON (no NaN or Infinity, nesting
+    bounded) and an event whose `created` is a plausible Unix time."""
+    from portal import bodies
+
     if not secrets:
         raise WebhookRejected("STRIPE_WEBHOOK_SECRET is not configured")
     if not signature_header:
         raise WebhookRejected("missing Stripe-Signature header")
+    now = time.time() if now is None else now
+    # Stripe's library refuses only signatures older than the tolerance; one from
+    # the future is refused here (a signed delivery postdated to outlive its window).
+    if any(stamp > now + tolerance for stamp in _signature_timestamps(signature_header)):
+        raise WebhookRejected("the signature's timestamp lies in the future")
     for secret in secrets:
         try:
             stripe.WebhookSignature.verify_header(payload.decode("utf-8"), signature_header, secret, tolerance)
@@ -452,10 +479,14 @@ def verify_webhook(payload: bytes, signature_header: str | None, secrets: list[s
     else:
         raise WebhookRejected("no valid signature for this body and time")
     try:
-        event = json.loads(payload)
-    except ValueError:
-        raise WebhookRejected("the body is not JSON") from None
+        event = bodies.loads(payload)
+    except ValueError as error:
+        raise WebhookRejected(f"the body is not JSON: {error}") from None
     if not isinstance(event, dict) or not isinstance(event.get("id"), str) or not isinstance(event.get("type"), str) \
-            or not isinstance(event.get("created"), int):
+            or not isinstance(event.get("created"), int) or isinstance(event.get("created"), bool):
         raise WebhookRejected("not a Stripe event (id, type and created are required)")
+    if not EARLIEST_EVENT_CREATED <= event["created"] <= now + MAX_EVENT_CREATED_AHEAD_SECONDS:
+        raise WebhookRejected("the event's created time is out of range")
+    if len(event["id"]) > 255 or len(event["type"]) > 100 or has_control_characters(event["id"] + event["type"]):
+        raise WebhookRejected("not a Stripe event (id or type is not a Stripe identifier)")
     return event

@@ -31,7 +31,8 @@ PAYMENT_DELAY = 3600
 def due(db, app, make, monkeypatch, stripe_emulator):
     """An organization whose open invoice's period has ended, synced to a Stripe draft;
     its Stripe customer has Stripe's test Visa card as its default payment method."""
-    organization = make.organization(slug="acme")
+    # A customer since before that period (usage from before an organization existed is refused).
+    organization = make.organization(slug="acme", created_at=datetime.now(timezone.utc) - timedelta(days=90))
     product = make.product("egress.gb", unit_price="200", name="Egress")
     invoice = make.open_invoice(organization, at=datetime.now(timezone.utc) - timedelta(days=40))
     add_quantity(invoice, product, "", Decimal("12.5"))

@@ -45,14 +45,14 @@ def count_queries(db):
 
 @pytest.fixture
 def billed(db, make):
-    """An organization with an open invoice of two resources, and a member."""
+    """An organization with an open invoice of two resources, and its owner."""
     organization = make.organization(name="Initech", slug="initech")
     cpu = make.product("machines.shared-cpu-1x", unit_price="0.0011", name="Shared CPU", unit="second")
     invoice = make.open_invoice(organization)
     add_quantity(invoice, cpu, "web-1", Decimal("1728000"))  # $19.01
     add_quantity(invoice, cpu, "worker-1", Decimal("100000"))  # $1.10
     db.session.commit()
-    user = make.user("ann@example.com", organization=organization)
+    user = make.user("ann@example.com", organization=organization, role="owner")
     return organization, invoice, user
 
 

@@ -17,10 +17,14 @@ def _items(client, slug="acme"):
     return response.get_json()
 
 
-def test_late_usage_spanning_a_long_history_is_labelled_with_each_closed_period(client, db, make):
-    organization = make.organization(slug="acme")
-    make.product("egress.gb", unit_price="200")
+def test_late_usage_spanning_a_long_history_is_labelled_with_each_closed_period(app, client, db, make, monkeypatch):
     now = datetime.now(timezone.utc)
+    # Usage two years late is refused by default (USAGE_LOOKBACK_DAYS, 35): this test
+    # is about placement against a long history, so it looks back far enough, for an
+    # organization that existed then.
+    monkeypatch.setitem(app.config, "USAGE_LOOKBACK_DAYS", 3 * 366)
+    organization = make.organization(slug="acme", created_at=now - timedelta(days=3 * 366))
+    make.product("egress.gb", unit_price="200")
     start, _ = cycle_containing(now, 1)
     # Two years of closed invoices before the open one.
     periods = []
@@ -61,13 +65,14 @@ def test_batches_add_to_existing_items_and_create_new_ones_together(client, db, 
     make.product("egress.gb", unit_price="200")
     make.product("machines.cpu", unit_price="0.0011")
     make.open_invoice(organization)
-    assert post_usage(client, [event("a1", "acme", "egress.gb", "1.5", resource="r1")]).status_code == 200
+    first = event("a1", "acme", "egress.gb", "1.5", resource="r1")
+    assert post_usage(client, [first]).status_code == 200
     seq = db.session.scalar(select(Invoice.change_seq))
     response = post_usage(client, [
         event("b1", "acme", "egress.gb", "0.25", resource="r1"),   # existing item
         event("b2", "acme", "machines.cpu", "1000", resource="vm"),  # new item: 1.1 cents
         event("b3", "acme", "egress.gb", "0.25", resource="r1"),   # same existing item again
-        event("a1", "acme", "egress.gb", "1.5", resource="r1"),    # duplicate of the first batch
+        first,                                                       # duplicate of the first batch
     ])
     assert response.get_json() == {"accepted": 3, "duplicates": 1}
     db.session.expire_all()

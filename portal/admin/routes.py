@@ -61,7 +61,7 @@ def index():
                            unsynced=queries.unsynced_invoice_count(), limit=queries.ORGANIZATIONS_PER_PAGE)
 
 
-@bp.get("/orgs/<slug>")
+@bp.get("/orgs/<slug:slug>")
 @support_required
 def organization(slug: str):
     overview = queries.organization_overview(_organization_or_404(slug))
@@ -77,13 +77,13 @@ def discrepancies():
                                queries.PENDING_TOO_LONG.total_seconds() // 60))
 
 
-@bp.post("/invoices/<int:invoice_id>/sync")
+@bp.post("/invoices/<dbint:invoice_id>/sync")
 @support_required
 def sync_now(invoice_id: int):
     return _invoice_action(invoice_id, actions.sync_now, f"Sync of invoice #{invoice_id} requested")
 
 
-@bp.post("/invoices/<int:invoice_id>/close")
+@bp.post("/invoices/<dbint:invoice_id>/close")
 @support_required
 def close_cycle_now(invoice_id: int):
     return _invoice_action(invoice_id, actions.close_cycle_now, f"Close of invoice #{invoice_id}'s cycle requested")
@@ -101,7 +101,7 @@ def _invoice_action(invoice_id: int, action, done: str):
     return _back_to(invoice)
 
 
-@bp.post("/orgs/<slug>/credits")
+@bp.post("/orgs/<slug:slug>/credits")
 @support_required
 def add_credit(slug: str):
     organization = _organization_or_404(slug)

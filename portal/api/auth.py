@@ -13,6 +13,15 @@ from flask import current_app, g, request
 
 from portal.api.errors import ApiError
 
+# Endpoints served without a token: only the API's own description (portal/api/docs.py).
+PUBLIC_ENDPOINTS: set[str] = set()
+
+
+def public(view):
+    """Mark an `api` view as served without a bearer token."""
+    PUBLIC_ENDPOINTS.add(f"api.{view.__name__}")
+    return view
+
 
 def _senders() -> list[tuple[str, bytes]]:
     senders = []
@@ -26,6 +35,8 @@ def _senders() -> list[tuple[str, bytes]]:
 
 def authenticate() -> None:
     """Set `g.api_sender` from the Authorization header, or raise a 401."""
+    if request.endpoint in PUBLIC_ENDPOINTS:
+        return
     header = request.headers.get("Authorization", "")
     scheme, _, presented = header.partition(" ")
     if scheme.lower() != "bearer" or not presented:

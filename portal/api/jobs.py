@@ -22,14 +22,14 @@ def _invoice(invoice_id: int) -> Invoice:
     return invoice
 
 
-@bp.post("/invoices/<int:invoice_id>/sync")
+@bp.post("/invoices/<dbint:invoice_id>/sync")
 def sync_invoice(invoice_id: int):
     _invoice(invoice_id)
     db.session.rollback()
     return jsonify({"job_id": enqueue_sync(invoice_id, trigger="manual")}), 202
 
 
-@bp.get("/jobs/<job_id>")
+@bp.get("/jobs/<jobid:job_id>")
 def job_status(job_id: str):
     try:
         job = Job.fetch(job_id, connection=redis_connection())
@@ -44,7 +44,7 @@ def job_status(job_id: str):
     return jsonify(body)
 
 
-@bp.get("/invoices/<int:invoice_id>/sync-runs")
+@bp.get("/invoices/<dbint:invoice_id>/sync-runs")
 def sync_runs(invoice_id: int):
     _invoice(invoice_id)
     runs = db.session.scalars(

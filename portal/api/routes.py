@@ -1,31 +1,32 @@
 """The sub-systems' JSON API (see the Contract in DESIGN.md)."""
 from __future__ import annotations
 
-import json
 import re
 from decimal import Decimal
 
-from flask import Blueprint, g, jsonify, request
+from flask import Blueprint, current_app, g, jsonify, request
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import selectinload
 from werkzeug.exceptions import HTTPException
 
-from portal import money
+from portal import bodies, money
 from portal.api.auth import authenticate
 from portal.api.errors import ApiError, error_response
 from portal.api.serializers import invoice_json, service_json
 from portal.billing.invoices import ensure_open_invoice
 from portal.billing.services import ServiceError, attach_service, change_quantity, detach_service
-from portal.billing.usage import MAX_BATCH_EVENTS, BatchRejected, ingest_usage
+from portal.billing.usage import MAX_BATCH_EVENTS, BatchRejected, EventConflict, ingest_usage
 from portal.database import retry_on_deadlock
 from portal.extensions import db
 from portal.models import Invoice, InvoiceItem, Organization, Product, ServiceAttachment, SyncRun
+from portal.text import has_control_characters
 
 bp = Blueprint("api", __name__)
 
-SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-CURRENCY = re.compile(r"^[a-z]{3}$")
+# fullmatch only: `$` would let a trailing newline through.
+SLUG = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+CURRENCY = re.compile(r"[a-z]{3}")
 
 
 @bp.before_request
@@ -46,20 +47,31 @@ def _http_error(error: HTTPException):
     return error_response(error.code or 500, code, error.description or error.name)
 
 
+@bp.app_errorhandler(404)
+@bp.app_errorhandler(405)
+def _api_routing_error(error: HTTPException):
+    """A URL under the API that matches no route (an id beyond the database's range,
+    a slug or job id that cannot exist) answers in the API's JSON shape; Flask sends
+    routing errors to the app's handlers, never the blueprint's. Elsewhere: as before."""
+    prefix = (current_app.blueprints["api"].url_prefix if "api" in current_app.blueprints else None) or "/api/"
+    if request.blueprint is None and (request.path + "/").startswith(prefix.rstrip("/") + "/"):
+        db.session.rollback()
+        return _http_error(error)
+    return error
+
+
 def _json_body() -> dict:
-    """The request's JSON object; numbers are read as exact decimals, never floats."""
-    raw = request.get_data(cache=False)
+    """The request's JSON object; numbers are read as exact decimals, never floats, in
+    the money module's one grammar (no exponent). A body over MAX_CONTENT_LENGTH,
+    chunked or not, is a 413; nesting deeper than bodies.MAX_JSON_DEPTH a 400."""
+    raw = bodies.read_body()
     try:
-        body = json.loads(raw, parse_float=Decimal, parse_constant=_refuse_constant)
-    except (ValueError, UnicodeDecodeError) as error:
+        body = bodies.loads(raw, parse_float=money.json_number)
+    except ValueError as error:
         raise ApiError(400, "invalid_json", f"the body is not valid JSON: {error}") from None
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_json", "the body must be a JSON object")
     return body
-
-
-def _refuse_constant(name: str):
-    raise ValueError(f"{name} is not a number")
 
 
 def _organization(slug: str) -> Organization:
@@ -89,13 +101,13 @@ def create_organization():
     slug, name, email = body.get("slug"), body.get("name"), body.get("email")
     currency = body.get("currency", "usd")
     anchor = body.get("cycle_anchor_day", 1)
-    if not isinstance(slug, str) or not SLUG.match(slug):
+    if not isinstance(slug, str) or not SLUG.fullmatch(slug):
         raise _invalid("slug", "lower-case letters, digits and dashes, at most 63")
-    if not isinstance(name, str) or not name.strip() or len(name) > 200:
-        raise _invalid("name", "a non-empty string of at most 200 characters")
-    if not isinstance(email, str) or "@" not in email or len(email) > 254:
+    if not isinstance(name, str) or not name.strip() or len(name) > 200 or has_control_characters(name):
+        raise _invalid("name", "a non-empty string of at most 200 characters, without control characters")
+    if not isinstance(email, str) or "@" not in email or len(email) > 254 or has_control_characters(email):
         raise _invalid("email", "an email address")
-    if not isinstance(currency, str) or not CURRENCY.match(currency):
+    if not isinstance(currency, str) or not CURRENCY.fullmatch(currency):
         raise _invalid("currency", "a three-letter ISO code in lower case")
     if not isinstance(anchor, int) or isinstance(anchor, bool) or not 1 <= anchor <= 31:
         raise _invalid("cycle_anchor_day", "an integer from 1 to 31")
@@ -133,10 +145,14 @@ def report_usage():
     except BatchRejected as rejected:
         raise ApiError(422, "invalid_events", f"{len(rejected.problems)} invalid event(s); nothing was stored",
                        rejected.problems) from None
+    except EventConflict as conflict:
+        raise ApiError(409, "conflicting_events",
+                       f"{len(conflict.conflicts)} event id(s) reused with different content; nothing was stored",
+                       conflict.conflicts) from None
     return jsonify({"accepted": result.accepted, "duplicates": result.duplicates})
 
 
-@bp.get("/organizations/<slug>/services")
+@bp.get("/organizations/<slug:slug>/services")
 def list_services(slug: str):
     organization = _organization(slug)
     attachments = db.session.scalars(
@@ -147,18 +163,19 @@ def list_services(slug: str):
     return jsonify({"services": [service_json(a) for a in attachments]})
 
 
-@bp.post("/organizations/<slug>/services")
+@bp.post("/organizations/<slug:slug>/services")
 def attach(slug: str):
     organization = _organization(slug)
     body = _json_body()
-    product = db.session.scalar(select(Product).where(Product.code == body.get("product"))) if isinstance(
-        body.get("product"), str) else None
+    code = body.get("product")
+    product = db.session.scalar(select(Product).where(Product.code == code)) if isinstance(
+        code, str) and not has_control_characters(code) else None
     if product is None:
         raise _invalid("product", f"unknown product {body.get('product')!r}")
     quantity = _service_quantity(body.get("quantity", 1))
     resource = body.get("resource", "") or ""
-    if not isinstance(resource, str) or len(resource) > 200:
-        raise _invalid("resource", "a string of at most 200 characters")
+    if not isinstance(resource, str) or len(resource) > 200 or has_control_characters(resource):
+        raise _invalid("resource", "a string of at most 200 characters, without control characters")
     try:
         attachment = attach_service(organization, product, quantity, resource)
     except ServiceError as error:
@@ -188,7 +205,7 @@ def _attachment(slug: str, service_id: int) -> ServiceAttachment:
     return attachment
 
 
-@bp.patch("/organizations/<slug>/services/<int:service_id>")
+@bp.patch("/organizations/<slug:slug>/services/<dbint:service_id>")
 def update_service(slug: str, service_id: int):
     attachment = _attachment(slug, service_id)
     quantity = _service_quantity(_json_body().get("quantity"))
@@ -200,7 +217,7 @@ def update_service(slug: str, service_id: int):
     return jsonify({**service_json(replacement), "replaces": attachment.id})
 
 
-@bp.delete("/organizations/<slug>/services/<int:service_id>")
+@bp.delete("/organizations/<slug:slug>/services/<dbint:service_id>")
 def detach(slug: str, service_id: int):
     attachment = _attachment(slug, service_id)
     detach_service(attachment)  # detaching twice is a no-op, answered the same
@@ -221,7 +238,7 @@ def _with_items():
     return selectinload(Invoice.items).joinedload(InvoiceItem.product)
 
 
-@bp.get("/organizations/<slug>/invoices/current")
+@bp.get("/organizations/<slug:slug>/invoices/current")
 def current_invoice(slug: str):
     organization = _organization(slug)
     invoice = db.session.scalar(
@@ -233,7 +250,7 @@ def current_invoice(slug: str):
     return jsonify(invoice_json(invoice, _last_runs([invoice.id]).get(invoice.id)))
 
 
-@bp.get("/organizations/<slug>/invoices")
+@bp.get("/organizations/<slug:slug>/invoices")
 def invoices(slug: str):
     organization = _organization(slug)
     rows = list(db.session.scalars(

@@ -19,6 +19,7 @@ from portal.billing.invoices import ensure_open_invoice
 from portal.billing.pricing import set_item
 from portal.extensions import db
 from portal.models import Invoice, InvoiceItem, Organization, Product
+from portal.text import has_control_characters
 
 CREDIT_PRODUCT_CODE = "portal.credit"
 # A typo guard, not a policy: larger credits are a matter for Stripe's dashboard.
@@ -31,10 +32,14 @@ class CreditError(ValueError):
 
 
 def credit_cents(amount_in_dollars: object) -> int:
-    """Whole cents from an amount in dollars as typed ("12.50"): positive, at most
-    two decimal places (a credit is never rounded to something support did not type)."""
+    """Whole cents from an amount in dollars as typed ("12.50"): the money module's one
+    decimal grammar (so "1,0,0", " 5", "5_000" or "١٠" are refused, never read as
+    something else), positive, at most two decimal places (a credit is never rounded
+    to something support did not type)."""
+    if not isinstance(amount_in_dollars, str):
+        raise CreditError("amount must be decimal text, e.g. 12.50")
     try:
-        dollars = money.to_decimal(str(amount_in_dollars).strip().replace(",", ""), field="amount")
+        dollars = money.parse_decimal(amount_in_dollars, field="amount")
     except money.MoneyError as error:
         raise CreditError(str(error)) from None
     if dollars <= 0:
@@ -73,6 +78,8 @@ def add_credit(organization: Organization, amount_in_dollars: object, reason: st
     """Put a credit of `amount_in_dollars` with `reason` on the organization's open
     invoice (opened if it has none): a new negative line, the total lowered by it, the
     invoice marked unsynced. Each call is a new credit; the caller commits."""
+    if has_control_characters(reason or "", allow_whitespace=True):
+        raise CreditError("the reason holds control characters")
     reason = " ".join((reason or "").split())
     if not reason:
         raise CreditError("a reason is required")

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 
+from flask import current_app, has_app_context
 from sqlalchemy import BigInteger, String, and_, any_, bindparam, or_, select, update
 from sqlalchemy.dialects import postgresql
 
@@ -32,9 +33,15 @@ from portal.billing.pricing import InvoiceNoLongerOpen, ItemDelta, add_quantitie
 from portal.extensions import db
 from portal.models import Invoice, Organization, Product, UsageEvent
 from portal.models.types import utcnow
+from portal.text import has_control_characters
 
 MAX_BATCH_EVENTS = 5000
+# Clock skew allowed between a sub-system and the portal: an event up to this far in
+# the future, or this long before its organization was created, is accepted.
 MAX_FUTURE_SKEW = timedelta(minutes=5)
+# Defaults of USAGE_LOOKBACK_DAYS and USAGE_MAX_QUANTITY (config.py).
+DEFAULT_LOOKBACK_DAYS = 35
+DEFAULT_MAX_QUANTITY = Decimal("1000000000")
 MAX_EVENT_ID_LENGTH = 255
 MAX_RESOURCE_LENGTH = 200
 
@@ -51,6 +58,16 @@ class BatchRejected(Exception):
         self.problems = problems
 
 
+class EventConflict(Exception):
+    """Event ids already used (or used twice in the batch) for different content: a
+    resend must be identical to count as a duplicate. `conflicts` lists them by index
+    with the fields that differ. Raised before the caller commits: roll back."""
+
+    def __init__(self, conflicts: list[dict]):
+        super().__init__(f"{len(conflicts)} event id(s) reused with different content")
+        self.conflicts = conflicts
+
+
 @dataclass
 class IngestResult:
     accepted: int = 0
@@ -62,19 +79,25 @@ class IngestResult:
 class _Org:
     id: int
     cycle_anchor_day: int
+    created_at: datetime | None = None
 
 
 class _Event:
-    __slots__ = ("event_id", "organization", "product", "quantity", "occurred_at", "resource")
+    __slots__ = ("index", "event_id", "organization", "product", "quantity", "occurred_at", "resource")
 
     def __init__(self, event_id: str, organization: _Org, product: Product, quantity: Decimal,
-                 occurred_at: datetime, resource: str):
+                 occurred_at: datetime, resource: str, index: int = 0):
+        self.index = index
         self.event_id = event_id
         self.organization = organization
         self.product = product
         self.quantity = quantity
         self.occurred_at = occurred_at
         self.resource = resource
+
+    def content(self) -> tuple:
+        """What a resend of this id must repeat to be a duplicate."""
+        return (self.organization.id, self.product.id, self.quantity, self.occurred_at, self.resource)
 
 
 _FIELDS = frozenset({"id", "organization", "product", "quantity", "occurred_at", "resource"})
@@ -112,21 +135,36 @@ def _any(column, values: list, item_type):
     return column.in_(values)
 
 
+def _limits() -> tuple[timedelta, Decimal]:
+    """(lookback, largest quantity of one event) from the app's config, else the defaults."""
+    config = current_app.config if has_app_context() else {}
+    days = config.get("USAGE_LOOKBACK_DAYS", DEFAULT_LOOKBACK_DAYS)
+    maximum = Decimal(config.get("USAGE_MAX_QUANTITY", DEFAULT_MAX_QUANTITY))
+    return timedelta(days=days), min(maximum, money.MAX_QUANTITY)
+
+
+def _looked_up(value: object) -> bool:
+    """Whether `value` is text that may be looked up (no control characters: NUL is
+    not even storable in PostgreSQL text)."""
+    return isinstance(value, str) and not has_control_characters(value)
+
+
 def _validate(events: object, now: datetime) -> list[_Event]:
     if not isinstance(events, list):
         raise BatchRejected([{"index": None, "errors": ['"events" must be a list']}])
+    lookback, max_quantity = _limits()
     wanted_slugs, wanted_codes = set(), set()
     for e in events:
         if isinstance(e, dict):
             slug, code = e.get("organization"), e.get("product")
-            if isinstance(slug, str):
+            if _looked_up(slug):
                 wanted_slugs.add(slug)
-            if isinstance(code, str):
+            if _looked_up(code):
                 wanted_codes.add(code)
     organizations = {
-        row.slug: _Org(row.id, row.cycle_anchor_day)
+        row.slug: _Org(row.id, row.cycle_anchor_day, row.created_at)
         for row in db.session.execute(
-            select(Organization.id, Organization.slug, Organization.cycle_anchor_day)
+            select(Organization.id, Organization.slug, Organization.cycle_anchor_day, Organization.created_at)
             .where(_any(Organization.slug, sorted(wanted_slugs), String))
         )
     } if wanted_slugs else {}
@@ -137,6 +175,7 @@ def _validate(events: object, now: datetime) -> list[_Event]:
     # Per product: None when it can be metered, else why not (checked once per batch).
     product_problems = {code: _why_not_metered(p) for code, p in products.items()}
     latest = now + MAX_FUTURE_SKEW
+    earliest = now - lookback
     valid, problems = [], []
     for index, event in enumerate(events):
         if not isinstance(event, dict):
@@ -147,22 +186,24 @@ def _validate(events: object, now: datetime) -> list[_Event]:
             unknown = set(event) - _FIELDS
             errors.append(f"unknown field(s): {', '.join(sorted(map(str, unknown)))}")
         event_id = event.get("id")
-        if not isinstance(event_id, str) or not event_id or len(event_id) > MAX_EVENT_ID_LENGTH:
-            errors.append(f"id must be a non-empty string of at most {MAX_EVENT_ID_LENGTH} characters")
+        if not isinstance(event_id, str) or not event_id or len(event_id) > MAX_EVENT_ID_LENGTH \
+                or has_control_characters(event_id):
+            errors.append(f"id must be a non-empty string of at most {MAX_EVENT_ID_LENGTH} characters, "
+                          "without control characters")
         slug = event.get("organization")
-        organization = organizations.get(slug) if isinstance(slug, str) else None
+        organization = organizations.get(slug) if _looked_up(slug) else None
         if organization is None:
-            errors.append(f"unknown organization {slug!r}")
+            errors.append(f"unknown organization {_shown(slug)}")
         code = event.get("product")
-        product = products.get(code) if isinstance(code, str) else None
+        product = products.get(code) if _looked_up(code) else None
         if product is None:
-            errors.append(f"unknown product {code!r}")
+            errors.append(f"unknown product {_shown(code)}")
         else:
             problem = product_problems[code]
             if problem is not None:
                 errors.append(problem)
         try:
-            quantity = money.quantity(event.get("quantity"))
+            quantity = money.quantity(event.get("quantity"), maximum=max_quantity)
         except money.MoneyError as error:
             errors.append(str(error))
             quantity = None
@@ -171,26 +212,43 @@ def _validate(events: object, now: datetime) -> list[_Event]:
             errors.append("occurred_at must be an RFC 3339 timestamp with a time zone offset")
         elif occurred_at > latest:
             errors.append("occurred_at lies in the future")
+        elif occurred_at < earliest:
+            errors.append(f"occurred_at is older than the {lookback.days}-day lookback (USAGE_LOOKBACK_DAYS)")
+        elif organization is not None and organization.created_at is not None \
+                and occurred_at < organization.created_at - MAX_FUTURE_SKEW:
+            errors.append(f"occurred_at is before organization {slug!r} existed "
+                          f"(created {organization.created_at.isoformat()})")
         resource = event.get("resource", "")
         if resource is None:
             resource = ""
-        if not isinstance(resource, str) or len(resource) > MAX_RESOURCE_LENGTH:
-            errors.append(f"resource must be a string of at most {MAX_RESOURCE_LENGTH} characters")
+        if not isinstance(resource, str) or len(resource) > MAX_RESOURCE_LENGTH or has_control_characters(resource):
+            errors.append(f"resource must be a string of at most {MAX_RESOURCE_LENGTH} characters, "
+                          "without control characters")
         if errors:
             problems.append({"index": index, "id": event_id if isinstance(event_id, str) else None,
                              "errors": errors})
         elif not problems:  # once the batch is rejected, only the problems matter
-            valid.append(_Event(event_id, organization, product, quantity, occurred_at, resource))
+            valid.append(_Event(event_id, organization, product, quantity, occurred_at, resource, index))
     if problems:
         raise BatchRejected(problems)
     return valid
 
 
+def _shown(value: object) -> str:
+    """A value from the request, for an error message: short, and never a deep repr."""
+    if isinstance(value, (str, int, float, Decimal)) or value is None:
+        text = repr(value)
+        return text if len(text) <= 80 else text[:77] + "..."
+    return f"(a JSON {'object' if isinstance(value, dict) else 'array' if isinstance(value, list) else 'value'})"
+
+
 def ingest_usage(sender: str, events: object, now: datetime | None = None) -> IngestResult:
     """Validate, store and price a batch of usage events from `sender`.
 
-    Raises BatchRejected (nothing stored) if any event is invalid. Leaves the commit
-    to the caller; a rollback undoes the whole batch, ids included.
+    Raises BatchRejected (nothing stored) if any event is invalid, and EventConflict
+    if an id was used before, or twice in the batch, for different content (the
+    caller rolls back: nothing stored). Leaves the commit to the caller; a rollback
+    undoes the whole batch, ids included.
     """
     now = now or utcnow()
     if isinstance(events, list) and len(events) > MAX_BATCH_EVENTS:
@@ -202,9 +260,13 @@ def ingest_usage(sender: str, events: object, now: datetime | None = None) -> In
 
     # One row per (sender, id): a repeat inside the batch is a duplicate too.
     unique: dict[str, _Event] = {}
+    conflicts = []
     for event in batch:
-        if event.event_id not in unique:
-            unique[event.event_id] = event
+        first = unique.setdefault(event.event_id, event)
+        if first is not event and first.content() != event.content():
+            conflicts.append(_conflict(event, first.content(), f"event {first.index} of this batch"))
+    if conflicts:
+        raise EventConflict(conflicts)
     organizations = {event.organization.id: event.organization for event in unique.values()}
     times = [event.occurred_at for event in unique.values()]
     placements = _placements(organizations, min(times), max(times), now)
@@ -233,6 +295,8 @@ def ingest_usage(sender: str, events: object, now: datetime | None = None) -> In
         for item in set(item_of.values()) if item is not None
     }
     inserted, existing = bulk.insert_new_usage_events(sender, now, rows, list(line_keys.values()))
+    if len(inserted) < len(unique):
+        _refuse_conflicting_resends(sender, [event for event_id, event in unique.items() if event_id not in inserted])
     unplaced = {unique[event_id].organization.id for event_id in inserted if item_of[event_id] is None}
     if unplaced:
         _hold_open(placements, unplaced)
@@ -250,6 +314,37 @@ def ingest_usage(sender: str, events: object, now: datetime | None = None) -> In
         existing,
     )
     return result
+
+
+_CONTENT_FIELDS = ("organization", "product", "quantity", "occurred_at", "resource")
+
+
+def _conflict(event: _Event, stored: tuple, where: str) -> dict:
+    differing = [name for name, mine, theirs in zip(_CONTENT_FIELDS, event.content(), stored, strict=True)
+                 if mine != theirs]
+    return {"index": event.index, "id": event.event_id,
+            "errors": [f"id {event.event_id!r} was used by {where} with a different "
+                       f"{', '.join(differing)}; a resend must repeat the event unchanged"],
+            "fields": differing}
+
+
+def _refuse_conflicting_resends(sender: str, resent: list[_Event]) -> None:
+    """The ids of `resent` were claimed before (this insert skipped them): a duplicate
+    only if the stored event is the same, else EventConflict."""
+    by_id = {event.event_id: event for event in resent}
+    stored = {
+        row.event_id: (row.organization_id, row.product_id, row.quantity, row.occurred_at, row.resource or "")
+        for row in db.session.execute(
+            select(UsageEvent.event_id, UsageEvent.organization_id, UsageEvent.product_id, UsageEvent.quantity,
+                   UsageEvent.occurred_at, UsageEvent.resource)
+            .where(UsageEvent.sender == sender, _any(UsageEvent.event_id, sorted(by_id), String))
+        )
+    }
+    conflicts = [_conflict(event, stored[event_id], "an event received earlier")
+                 for event_id, event in by_id.items() if event_id in stored and stored[event_id] != event.content()]
+    if conflicts:
+        conflicts.sort(key=lambda conflict: conflict["index"])
+        raise EventConflict(conflicts)
 
 
 @dataclass

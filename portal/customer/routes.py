@@ -37,8 +37,11 @@ def _organization_or_404(slug: str) -> Organization:
     return organization
 
 
-def _is_member(organization: Organization) -> bool:
-    return db.session.get(Membership, (current_user.id, organization.id)) is not None
+def _role_in(organization: Organization) -> str | None:
+    """The signed-in user's role in the organization ("owner", "member"), None for
+    support staff and anyone else."""
+    membership = db.session.get(Membership, (current_user.id, organization.id))
+    return membership.role if membership is not None else None
 
 
 @bp.get("/")
@@ -55,21 +58,23 @@ def billing():
     return render_template("customer/choose_org.html", organizations=organizations)
 
 
-@bp.get("/orgs/<slug>/billing")
+@bp.get("/orgs/<slug:slug>/billing")
 @login_required
 def organization_billing(slug: str):
     organization = _organization_or_404(slug)
     return render_template("customer/billing.html", overview=billing_overview(organization),
-                           organization=organization, is_member=_is_member(organization))
+                           organization=organization, role=_role_in(organization))
 
 
-@bp.post("/orgs/<slug>/billing/payment-methods")
+@bp.post("/orgs/<slug:slug>/billing/payment-methods")
 @login_required
 def manage_payment_methods(slug: str):
     """Open a Stripe customer-portal session and send the customer there."""
     organization = _organization_or_404(slug)
-    if not _is_member(organization):
-        abort(403)  # support staff see the page but do not act as the customer at Stripe
+    if _role_in(organization) != "owner":
+        # Members read; only an owner manages how the organization pays. Support staff
+        # see the page but do not act as the customer at Stripe.
+        abort(403)
     return_url = url_for("customer.organization_billing", slug=organization.slug, _external=True)
     try:
         url = payment_portal_url(organization, return_url)
@@ -79,7 +84,7 @@ def manage_payment_methods(slug: str):
     return redirect(url, code=303)
 
 
-@bp.get("/orgs/<slug>/invoices/<int:invoice_id>")
+@bp.get("/orgs/<slug:slug>/invoices/<dbint:invoice_id>")
 @login_required
 def invoice_detail(slug: str, invoice_id: int):
     organization = _organization_or_404(slug)

@@ -6,8 +6,8 @@ from datetime import datetime
 from flask_login import UserMixin
 from sqlalchemy import BigInteger, Boolean, CheckConstraint, ForeignKey, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column, relationship
-from werkzeug.security import check_password_hash, generate_password_hash
 
+from portal import passwords
 from portal.extensions import db
 from portal.models.types import BigIntPK, UTCDateTime, utcnow
 
@@ -50,14 +50,34 @@ class User(UserMixin, db.Model):
     password_hash: Mapped[str] = mapped_column(String(255))
     is_support: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Part of the id kept in the session cookie: signing out and a new password move
+    # it on, so every cookie issued before no longer signs anyone in.
+    session_version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     memberships: Mapped[list[Membership]] = relationship(back_populates="user")
 
+    def get_id(self) -> str:
+        return f"{self.id}:{self.session_version or 0}"
+
+    def end_sessions(self) -> None:
+        """Make every session cookie issued to this user so far useless (the caller commits)."""
+        self.session_version = (self.session_version or 0) + 1
+
     def set_password(self, password: str) -> None:
-        self.password_hash = generate_password_hash(password)
+        """A new password (argon2id); it ends the user's sessions when it replaces one."""
+        if self.password_hash is not None:
+            self.end_sessions()
+        self.password_hash = passwords.hash_password(password)
 
     def check_password(self, password: str) -> bool:
-        return check_password_hash(self.password_hash, password)
+        return passwords.verify_password(self.password_hash, password)
+
+    def password_needs_rehash(self) -> bool:
+        return passwords.needs_rehash(self.password_hash)
+
+    def rehash_password(self, password: str) -> None:
+        """The same password, hashed again at today's cost (sessions carry on)."""
+        self.password_hash = passwords.hash_password(password)
 
     def __repr__(self) -> str:
         return f"<User {self.email}>"

@@ -8,8 +8,10 @@ processes it later. Exempt from CSRF and from login, and from nothing else.
 from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from portal.billing.events import enqueue_processing, has_handler, store_event
+from portal.bodies import read_body
 from portal.extensions import db
 from portal.stripe_gateway import WebhookRejected, verify_webhook
 
@@ -20,11 +22,10 @@ MAX_WEBHOOK_BYTES = 512 * 1024
 
 @bp.post("/webhooks/stripe")
 def stripe_webhook():
-    if request.content_length is not None and request.content_length > MAX_WEBHOOK_BYTES:
-        return jsonify({"error": "body too large"}), 400
-    payload = request.get_data(cache=False)
-    if len(payload) > MAX_WEBHOOK_BYTES:
-        return jsonify({"error": "body too large"}), 400
+    try:
+        payload = read_body(MAX_WEBHOOK_BYTES)  # chunked or not: one byte over is a 413
+    except RequestEntityTooLarge:
+        return jsonify({"error": "body too large"}), 413
     try:
         event = verify_webhook(payload, request.headers.get("Stripe-Signature"),
                                current_app.config["STRIPE_WEBHOOK_SECRETS"])
