@@ -159,6 +159,7 @@ class StripeGateway:
         self.write_in_flight = False
         self.last_write_replayed = False
         self._tries = 0
+        self._record = None
 
     # --- the calls -------------------------------------------------------------------
     # Every write names what it is for (`invoice` / `organization`: the portal's ids)
@@ -245,6 +246,7 @@ class StripeGateway:
         """One attempt of one write: a new idempotency key, recorded before the call,
         reused only by this call's own retries (network errors, 429s)."""
         record = self.recorder.started(operation, invoice, organization, stripe_object) if self.recorder else None
+        self._record = record
         key = record.idempotency_key if record else new_idempotency_key(operation)
         options = {"idempotency_key": key}
         self.last_write_replayed = False
@@ -256,7 +258,8 @@ class StripeGateway:
             # Retries ran out: on a timed-out last try the write may still land.
             self.write_in_flight = isinstance(failure.__cause__, stripe.APIConnectionError)
             if record:
-                self.recorder.finished(record, "unknown", self._tries, str(failure))
+                self.recorder.finished(record, "no_answer" if self.write_in_flight else "refused", self._tries,
+                                       str(failure))
             raise
         except OutcomeUnknown as failure:
             self.write_in_flight = False  # Stripe answered (a 500): nothing more will land
@@ -268,10 +271,10 @@ class StripeGateway:
             if record:
                 self.recorder.finished(record, "refused", self._tries, str(failure))
             raise
-        except Exception as error:  # LockLost before the first try, a job timeout...
+        except Exception as error:  # LockLost before a try, a job timeout inside one...
             self.write_in_flight = type(error).__name__ != "LockLost"
             if record:
-                outcome = "not_sent" if self._tries <= 1 and type(error).__name__ == "LockLost" else "unknown"
+                outcome = "no_answer" if self.write_in_flight else ("not_sent" if self._tries <= 1 else "unknown")
                 self.recorder.finished(record, outcome, self._tries, f"{type(error).__name__}: {error}")
             raise
         # Stripe answered from its idempotency store: an earlier try of this attempt
@@ -291,6 +294,8 @@ class StripeGateway:
                 self.budget.acquire()
             if fence and self.fence is not None:
                 self.fence()  # LockLost: the invoice is no longer ours; write nothing
+            if fence and attempt > 1 and self._record is not None:
+                self.recorder.retrying(self._record)
             if write:
                 self.counts.writes += 1
             else:
@@ -371,6 +376,18 @@ class WriteRecorder:
         db.session.add(record)
         db.session.commit()
         return record
+
+    def retrying(self, record) -> None:
+        """A retry of the attempt is about to be sent: `started_at` is when its latest
+        try left, which is what a later sync must wait out (see `write_in_flight`)."""
+        from sqlalchemy import update
+
+        from portal.extensions import db
+        from portal.models import StripeWrite
+
+        db.session.execute(update(StripeWrite).where(StripeWrite.id == record.id).values(started_at=_now())
+                           .execution_options(synchronize_session=False))
+        db.session.commit()
 
     def finished(self, record, outcome: str, tries: int, error: str | None, object_id: str | None = None) -> None:
         from sqlalchemy import func, update

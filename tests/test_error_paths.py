@@ -14,6 +14,7 @@ from rq import Queue, SimpleWorker
 from rq.job import Job
 from sqlalchemy import func, select
 
+import portal.billing.sync
 import portal.locks
 from jobs.app import use_app
 from jobs.schedule import periodic_job_definitions
@@ -271,6 +272,7 @@ def test_reads_answered_500_are_retried_until_the_gateways_attempts_run_out(db, 
 def test_a_write_left_in_flight_by_a_timed_out_job_does_not_end_up_twice_at_stripe(db, app, stripe_emulator, make,
                                                                                    monkeypatch):
     monkeypatch.setattr(portal.locks, "INVOICE_LOCK_LEASE_SECONDS", 4)  # longer than the held write
+    monkeypatch.setattr(portal.billing.sync, "WRITE_SETTLE_SECONDS", 4)
     use_app(app)
     invoice = make.open_invoice(make.organization(slug="slow"))
     product = make.product("egress.gb", unit_price="200")

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -13,8 +14,9 @@ import pytest
 from redis import Redis
 from rq import Queue, SimpleWorker
 from rq.job import Job
-from sqlalchemy import select
+from sqlalchemy import select, update
 
+import portal.billing.sync
 import portal.locks
 from jobs.app import use_app
 from jobs.webhooks import sweep_stored_events
@@ -22,7 +24,7 @@ from portal.billing.events import process_event, store_event
 from portal.billing.pricing import add_quantity
 from portal.billing.sync import sync_invoice
 from portal.billing.sync_queue import enqueue_sync
-from portal.models import Invoice, StripeEvent, SyncRun
+from portal.models import Invoice, StripeEvent, StripeWrite, SyncRun
 from portal.models.types import utcnow
 from portal.queue import redis_connection
 from tests.services import RedisServer
@@ -81,8 +83,11 @@ def test_a_sync_killed_at_any_point_is_repaired_by_the_next_run_without_duplicat
     # The kill landed mid-sync: the customer was created, not every line was added.
     assert writes and writes[0]["path"] == "/v1/customers"
     assert kill_after_writes <= len(writes) < 5, [r["path"] for r in writes]
-    # The lock it held lapses with its lease; here we free it as an expired lease would.
+    # The lock it held lapses with its lease; here we free it as an expired lease would,
+    # and its write that got no answer is as old as that lease by then.
     redis_connection().delete(f"portal:lock:invoice:{many_lines}")
+    db.session.execute(update(StripeWrite).values(started_at=utcnow() - timedelta(seconds=30)))
+    db.session.commit()
     run = sync_invoice(many_lines, trigger="schedule")
     killed = db.session.scalar(select(SyncRun).where(SyncRun.id != run.id))
     assert (killed.outcome, killed.trigger) == ("died", "manual") and killed.finished_at is not None
@@ -97,6 +102,7 @@ def test_a_sync_killed_at_any_point_is_repaired_by_the_next_run_without_duplicat
 def test_a_timeout_inside_the_stripe_call_fails_the_job_and_commits_nothing_half_done(
         db, app, stripe_emulator, many_lines, monkeypatch):
     monkeypatch.setattr(portal.locks, "INVOICE_LOCK_LEASE_SECONDS", 4)  # longer than the held write
+    monkeypatch.setattr(portal.billing.sync, "WRITE_SETTLE_SECONDS", 4)
     use_app(app)
     stripe_emulator.control.set_faults(rules=[{"kind": "latency", "latency_ms": 3000, "path": "*/add_lines"}])
     queue = Queue("sync", connection=redis_connection())

@@ -15,6 +15,7 @@ from rq import Queue, SimpleWorker
 from rq_scheduler import Scheduler
 from sqlalchemy import select
 
+import portal.billing.sync
 from jobs.app import use_app
 from portal.billing.pricing import add_quantity
 from portal.billing.sync import sync_invoice
@@ -128,9 +129,10 @@ def test_sweeps_run_before_thousands_of_queued_event_jobs(db, app):
 
 
 def test_a_lock_holder_killed_mid_sync_frees_the_invoice_within_one_lease(db, app, make, stripe_emulator,
-                                                                         database_uri, redis_url):
+                                                                         database_uri, redis_url, monkeypatch):
     invoice_id = _invoice_with_usage(db, make)
     lease = 2
+    monkeypatch.setattr(portal.billing.sync, "WRITE_SETTLE_SECONDS", lease)  # settles within the short lease
     env = {**os.environ, "DATABASE_URL": database_uri, "REDIS_URL": redis_url, "SECRET_KEY": "x",
            "STRIPE_API_KEY": stripe_emulator.api_key, "STRIPE_API_BASE": stripe_emulator.url,
            "PORTAL_LOCK_LEASE_SECONDS": str(lease)}

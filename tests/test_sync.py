@@ -8,6 +8,7 @@ from decimal import Decimal
 import pytest
 from sqlalchemy import delete, select
 
+import portal.billing.sync
 import portal.locks
 from portal.billing.pricing import add_quantity, mark_changed
 from portal.billing.sync import sync_invoice, unsynced_invoice_ids
@@ -130,6 +131,7 @@ def test_beyond_the_threshold_items_roll_up_per_product(db, stripe_emulator, mak
 def test_a_run_that_died_after_stripe_applied_its_write_leaves_no_duplicate(db, app, stripe_emulator, billed,
                                                                             monkeypatch):
     monkeypatch.setattr(portal.locks, "INVOICE_LOCK_LEASE_SECONDS", 1)
+    monkeypatch.setattr(portal.billing.sync, "WRITE_SETTLE_SECONDS", 1)
     invoice_id, _ = billed
     # The add_lines is applied at Stripe, then the connection drops: to the run it
     # is as if it died before recording anything (no retries allowed here).

@@ -117,8 +117,8 @@ def close_cycle(invoice_id: int, end_now: bool = False, stripe: StripeGateway | 
     if status != "closing":
         return f"already_{status}"
     run = sync_invoice(invoice_id, trigger="cycle_close", stripe=stripe, wait_seconds=wait_seconds)
-    if run.outcome == "locked":
-        raise CloseDeferred(f"final sync of invoice {invoice_id}: the invoice is locked by another job")
+    if run.outcome in ("locked", "write_in_flight"):
+        raise CloseDeferred(f"final sync of invoice {invoice_id}: {run.outcome}: {run.error or 'another job holds it'}")
     if run.outcome == "stripe_invoice_finalized":
         return refresh_from_stripe(invoice_id, stripe)
     if run.outcome == "not_open":  # finished by a concurrent close or a webhook meanwhile
@@ -208,6 +208,8 @@ def _roll_over(invoice: Invoice, stripe_invoice) -> Invoice:
     services are charged to that point, and the next invoice covers the rest of the
     cycle, so no part of the cycle goes unbilled."""
     finalized_at = _stamp(stripe_invoice, "finalized_at")
+    if finalized_at is not None:
+        finalized_at = min(finalized_at, utcnow())  # a Stripe clock ahead of ours never moves the cut ahead
     organization = db.session.get(Organization, invoice.organization_id)
     if (finalized_at is not None
             and invoice.period_start < finalized_at < invoice.period_end

@@ -39,15 +39,16 @@ import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import selectinload
 
 from portal.billing.lines import StripeLine, TooManyLines, stripe_lines
 from portal.extensions import db
 from portal.locks import DEFAULT_WAIT_SECONDS, LockLost, invoice_lock
-from portal.models import Invoice, InvoiceItem, Organization, SyncRun
+from portal.models import Invoice, InvoiceItem, Organization, StripeWrite, SyncRun
 from portal.models.types import utcnow
 from portal.stripe_gateway import (
+    REQUEST_TIMEOUT_SECONDS,
     InvoiceNotEditable,
     OutcomeUnknown,
     StripeFailure,
@@ -400,6 +401,14 @@ def _sync_locked(invoice_id: int, record: SyncRun, stripe: StripeGateway | None,
             return _finish(record, "not_open", f"the invoice is {invoice.status}")
         if invoice.sync_blocked:
             return _finish(record, "blocked", invoice.sync_blocked)
+        pending = _write_in_flight(invoice_id)
+        if pending is not None:
+            # A write an earlier run sent got no answer and may still land (its run lost
+            # the lock mid-call: Redis lost the key, or it was frozen past its lease).
+            # Reading and writing now could add what that write adds: wait it out.
+            return _finish(record, "write_in_flight",
+                           f"{pending.operation} {pending.idempotency_key} sent {pending.started_at:%H:%M:%S} got no "
+                           f"answer; syncing again once it has settled ({WRITE_SETTLE_SECONDS} s)")
         try:
             stripe = stripe or gateway()
         except StripeNotConfigured as error:
@@ -435,6 +444,21 @@ def _run_once(invoice: Invoice, invoice_id: int, record: SyncRun, stripe: Stripe
         _finish(record, "error", traceback.format_exc(limit=5), stripe, run.counts, run.notes)
         raise
     return _finish(record, outcome, error, stripe, run.counts, run.notes)
+
+
+# A write sent with no answer can land this long after its try left (the request
+# timeout, and a margin); until then no new run of its invoice reads and writes.
+WRITE_SETTLE_SECONDS = REQUEST_TIMEOUT_SECONDS + 5
+
+
+def _write_in_flight(invoice_id: int) -> StripeWrite | None:
+    return db.session.scalar(
+        select(StripeWrite).where(
+            StripeWrite.invoice_id == invoice_id,
+            or_(StripeWrite.outcome.is_(None), StripeWrite.outcome == "no_answer"),
+            StripeWrite.started_at > utcnow() - timedelta(seconds=WRITE_SETTLE_SECONDS),
+        ).order_by(StripeWrite.started_at.desc()).limit(1)
+    )
 
 
 def _block(invoice_id: int, reason: str) -> None:
