@@ -212,6 +212,11 @@ class StripeGateway:
         return self._write("finalize_invoice", lambda options: self.client.v1.invoices.finalize_invoice(
             invoice_id, params={"auto_advance": True}, options=options), invoice=invoice, stripe_object=invoice_id)
 
+    def delete_draft(self, invoice_id: str, invoice: int | None = None):
+        """Delete a draft (Stripe deletes only drafts; a finalized one it refuses)."""
+        return self._write("delete_draft", lambda options: self.client.v1.invoices.delete(
+            invoice_id, options=options), invoice=invoice, stripe_object=invoice_id)
+
     def update_invoice(self, invoice_id: str, params: dict, invoice: int | None = None):
         return self._write("update_invoice", lambda options: self.client.v1.invoices.update(
             invoice_id, params=params, options=options), invoice=invoice, stripe_object=invoice_id)

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import select, text
 
 import portal.locks
-from portal.billing.closing import apply_stripe_invoice, claim_for_closing
+from portal.billing.closing import apply_stripe_invoice, claim_for_closing, close_cycle
 from portal.billing.pricing import add_quantity
 from portal.billing.services import attach_service
 from portal.billing.sync import sync_invoice
@@ -146,6 +146,137 @@ def test_a_holder_that_lost_the_lock_stops_without_writing(db, app, stripe_emula
     assert db.session.get(Invoice, synced, populate_existing=True).has_unsynced_changes
     assert sync_invoice(synced).outcome == "synced"
     assert_stripe_matches_portal(db, stripe_emulator, synced)
+
+
+def _wait_for_write(db, operation: str) -> None:
+    """Until a write of `operation` is recorded (sent or about to be), holding no
+    transaction between looks (on SQLite a reader would hold the writer off)."""
+    deadline = time.monotonic() + 10
+    while True:
+        sent = db.session.scalar(select(StripeWrite.id).where(StripeWrite.operation == operation))
+        db.session.rollback()
+        if sent:
+            return
+        assert time.monotonic() < deadline, f"no {operation} was sent"
+        time.sleep(0.02)
+
+
+def test_a_customer_created_after_the_lock_was_lost_is_never_claimed(db, app, make, stripe_emulator):
+    """The first sync of a new organization waits on a slow `create customer`; its lock
+    goes meanwhile; a second sync is held off until that write has settled, then the
+    first run's answer arrives: it claims nothing, and the next sync adopts the one
+    customer Stripe has. One customer, one draft, billed to the organization's."""
+    organization = make.organization(slug="acme")
+    egress = make.product("egress.gb", unit_price="200", name="Egress")
+    invoice = make.open_invoice(organization)
+    add_quantity(invoice, egress, "", Decimal("1"))
+    db.session.commit()
+    invoice_id = invoice.id
+    stripe_emulator.control.set_faults(rules=[{"kind": "latency", "path": "/v1/customers", "method": "POST",
+                                               "latency_ms": 1500}])
+    results = {}
+
+    def first():
+        with app.app_context():
+            results["first"] = sync_invoice(invoice_id)
+
+    holder = threading.Thread(target=first)
+    holder.start()
+    _wait_for_write(db, "create_customer")
+    redis_connection().delete(f"portal:lock:invoice:{invoice_id}")  # its lease lapses
+    second = sync_invoice(invoice_id)
+    assert second.outcome == "write_in_flight", second.error  # not a second customer
+    holder.join()
+    assert results["first"].outcome == "lock_lost", results["first"].error
+    assert db.session.get(Organization, organization.id, populate_existing=True).stripe_customer_id is None
+    assert db.session.get(Invoice, invoice_id, populate_existing=True).stripe_invoice_id is None
+    stripe_emulator.control.clear_faults()
+
+    assert sync_invoice(invoice_id).outcome == "synced"
+    client = stripe_client(stripe_emulator)
+    customers = client.v1.customers.list({"email": organization.billing_email}).data
+    assert len(customers) == 1
+    customer_id = db.session.get(Organization, organization.id, populate_existing=True).stripe_customer_id
+    assert customer_id == customers[0].id
+    drafts = client.v1.invoices.list({"customer": customer_id}).data
+    assert [draft.id for draft in drafts] == [db.session.get(Invoice, invoice_id).stripe_invoice_id]
+    assert_stripe_matches_portal(db, stripe_emulator, invoice_id)
+
+
+def test_of_two_customers_created_for_one_organization_the_first_claim_wins(db, app, make, stripe_emulator):
+    """The organization's other invoice (a closing one) claims a customer while this
+    invoice's run waits on its own `create customer`: this run leaves its customer
+    unused, says so, and bills the draft to the customer the organization has."""
+    organization = make.organization(slug="acme")
+    egress = make.product("egress.gb", unit_price="200", name="Egress")
+    invoice = make.open_invoice(organization)
+    add_quantity(invoice, egress, "", Decimal("1"))
+    db.session.commit()
+    invoice_id, organization_id = invoice.id, organization.id
+    client = stripe_client(stripe_emulator)
+    winner = client.v1.customers.create({"email": organization.billing_email}).id
+    stripe_emulator.control.set_faults(rules=[{"kind": "latency", "path": "/v1/customers", "method": "POST",
+                                               "latency_ms": 1000}])
+    results = {}
+
+    def run():
+        with app.app_context():
+            results["run"] = sync_invoice(invoice_id)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    _wait_for_write(db, "create_customer")
+    db.session.execute(text("UPDATE organizations SET stripe_customer_id = :id WHERE id = :org"),
+                       {"id": winner, "org": organization_id})
+    db.session.commit()
+    thread.join()
+    run = results["run"]
+    assert run.outcome == "synced", run.error
+    assert f"another run had claimed {winner}" in run.note
+    assert db.session.get(Organization, organization_id, populate_existing=True).stripe_customer_id == winner
+    draft = client.v1.invoices.retrieve(db.session.get(Invoice, invoice_id, populate_existing=True).stripe_invoice_id)
+    assert draft.customer == winner
+    assert_stripe_matches_portal(db, stripe_emulator, invoice_id)
+
+
+def test_a_stray_draft_left_by_a_run_that_lost_its_lock_is_deleted_at_close(db, stripe_emulator, synced):
+    """A run that lost its lock while Stripe created a draft leaves that draft
+    unclaimed, scheduled to finalize on its own. The close deletes every draft naming
+    the invoice besides its own, and only those: one Stripe invoice bills the cycle."""
+    client = stripe_client(stripe_emulator)
+    invoice = db.session.get(Invoice, synced)
+    customer_id = db.session.get(Organization, invoice.organization_id).stripe_customer_id
+    stray = client.v1.invoices.create({"customer": customer_id, "auto_advance": True,
+                                       "metadata": {"portal_invoice_id": str(synced)}})
+    client.v1.invoices.add_lines(stray.id, {"lines": [{"amount": 999, "description": "stray"}]})
+    other = client.v1.invoices.create({"customer": customer_id, "metadata": {"portal_invoice_id": "0"}})
+    db.session.commit()
+    assert close_cycle(synced, end_now=True) == "finalized"
+    remaining = {i.id: i.status for i in client.v1.invoices.list({"customer": customer_id}).data}
+    assert remaining == {db.session.get(Invoice, synced).stripe_invoice_id: "open", other.id: "draft"}
+    deleted = db.session.scalars(select(StripeWrite).where(StripeWrite.operation == "delete_draft")).all()
+    assert [(w.stripe_object_id, w.outcome) for w in deleted] == [(stray.id, "applied")]
+
+
+def test_a_finalized_invoice_whose_customer_was_deleted_is_not_billed_again(db, stripe_emulator, synced):
+    """Finalized early in the dashboard, then its customer deleted: the invoice bills
+    what it bills. The sync stops there; it never makes a new customer and draft for
+    the same lines."""
+    client = stripe_client(stripe_emulator)
+    invoice = db.session.get(Invoice, synced)
+    stripe_id = invoice.stripe_invoice_id
+    customer_id = db.session.get(Organization, invoice.organization_id).stripe_customer_id
+    client.v1.invoices.finalize_invoice(stripe_id, {"auto_advance": False})
+    client.v1.customers.delete(customer_id)
+    add_quantity(invoice, invoice.items[0].product, "ap", Decimal("1"))
+    db.session.commit()
+    run = sync_invoice(synced)
+    assert run.outcome == "stripe_invoice_finalized", run.error
+    invoice = db.session.get(Invoice, synced, populate_existing=True)
+    assert invoice.stripe_invoice_id == stripe_id and invoice.sync_blocked == "stripe_invoice_finalized"
+    assert db.session.get(Organization, invoice.organization_id, populate_existing=True).stripe_customer_id \
+        == customer_id
+    assert [i.id for i in client.v1.invoices.list({"limit": 100}).data] == [stripe_id]
 
 
 # --- 3. the carry-over counts only the portal's own lines ------------------------------

@@ -16,6 +16,7 @@ the state, and the partial unique index allows one open invoice per organization
 """
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timezone
 from decimal import Decimal
 
@@ -35,6 +36,8 @@ from portal.stripe_gateway import (
     StripeObjectMissing,
     gateway,
 )
+
+log = logging.getLogger(__name__)
 
 # Forward-only order of invoice states; terminal states share the top rank.
 RANK = {"open": 0, "closing": 1, "finalized": 2, "paid": 3, "uncollectible": 3, "void": 3}
@@ -142,6 +145,7 @@ def _finalize(invoice_id: int, stripe: StripeGateway, wait_seconds: float) -> st
             stripe_invoice = stripe.retrieve_invoice(stripe_id)
             if stripe_invoice.status == "draft":
                 stripe_invoice = stripe.finalize_invoice(stripe_id, invoice=invoice_id)
+            _delete_stray_drafts(stripe, invoice, stripe_invoice.customer)
         except InvoiceNotEditable:
             stripe_invoice = stripe.retrieve_invoice(stripe_id)
         except (StripeFailure, LockLost) as failure:
@@ -151,6 +155,22 @@ def _finalize(invoice_id: int, stripe: StripeGateway, wait_seconds: float) -> st
             if stripe.write_in_flight:
                 lock.abandon()
         return apply_stripe_invoice(invoice_id, stripe_invoice, stripe=stripe)
+
+
+def _delete_stray_drafts(stripe: StripeGateway, invoice: Invoice, customer) -> None:
+    """Delete other drafts made for this invoice: a sync that lost its lock while
+    Stripe was creating a draft leaves one the portal never claimed, scheduled to
+    finalize on its own. Only drafts naming this invoice in their metadata."""
+    customer_id = customer if isinstance(customer, str) else customer.id
+    strays = [draft.id for draft in stripe.draft_invoices_of(customer_id)
+              if draft.id != invoice.stripe_invoice_id
+              and _metadata(draft).get("portal_invoice_id") == str(invoice.id)]
+    for stray in strays:
+        try:
+            stripe.delete_draft(stray, invoice=invoice.id)
+        except StripeObjectMissing:
+            pass  # deleted meanwhile: what was wanted
+        log.warning("invoice %s: deleted stray Stripe draft %s", invoice.id, stray)
 
 
 def refresh_from_stripe(invoice_id: int, stripe: StripeGateway | None = None, problem: str | None = None) -> str:

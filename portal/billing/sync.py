@@ -196,8 +196,7 @@ class _Run:
             expected = sum(line.amount_cents for line in desired) + plan.foreign_total
             if stripe_total != expected:
                 raise SyncStopped("total_mismatch", f"Stripe total {stripe_total} != portal total {expected}")
-            if self.stripe.fence is not None:
-                self.stripe.fence()  # a run that lost the lock claims nothing
+            self._fence()  # a run that lost the lock claims nothing
             self._mark_synced(seq)
             return "synced" if self.stripe.counts.writes else "unchanged"
         raise SyncStopped("unknown_outcome", f"writes answered 500 in {MAX_RECONCILE_ROUNDS} rounds")
@@ -213,8 +212,7 @@ class _Run:
         # A run that crashed after creating the customer left it behind: adopt it.
         for customer in self.stripe.customers_by_email(organization.billing_email):
             if customer.id != replacing and _metadata(customer).get("portal_organization_id") == str(organization.id):
-                organization.stripe_customer_id = customer.id
-                db.session.commit()
+                self._claim_customer(customer.id, replacing)
                 return
         params = {
             "name": organization.name,
@@ -226,8 +224,8 @@ class _Run:
             params["payment_method"] = test_method
             params["invoice_settings"] = {"default_payment_method": test_method}
         customer = self.stripe.create_customer(params, organization=organization.id)
-        organization.stripe_customer_id = customer.id
-        db.session.commit()
+        if not self._claim_customer(customer.id, replacing):
+            return
         from portal.billing.customers import apply_stripe_customer
 
         apply_stripe_customer(organization.id, customer, seen_at=None)
@@ -241,8 +239,7 @@ class _Run:
         # A run that crashed after creating the draft left it behind: adopt it.
         for draft in self.stripe.draft_invoices_of(self.organization.stripe_customer_id):
             if draft.id != replacing and _metadata(draft).get("portal_invoice_id") == str(invoice.id):
-                invoice.stripe_invoice_id = draft.id
-                db.session.commit()
+                self._claim_draft(draft.id, replacing)
                 return False
         finalizes_at = self._finalizes_at()
         params = {
@@ -274,11 +271,53 @@ class _Run:
             self._ensure_customer(replacing=lost)
             params["customer"] = self.organization.stripe_customer_id
             draft = self.stripe.create_invoice(params, invoice=invoice.id)
-        invoice.stripe_invoice_id = draft.id
-        db.session.commit()
+        self._claim_draft(draft.id, replacing)
         if not _schedule_ok(draft, invoice.period_end):
             self._set_schedule(draft.id, "Stripe created the draft without its finalization schedule")
         return True
+
+    def _claim_customer(self, customer_id: str, replacing: str | None) -> bool:
+        """Save the organization's Stripe customer, only while the lock is still ours
+        (a run that lost it leaves what it created unclaimed: the holder adopts it by
+        metadata or makes its own) and only over no customer or the one being
+        replaced: the first claim wins. False, with the winner's id loaded, when
+        another run (of the organization's other invoice) claimed one first."""
+        organization = self.organization
+        self._fence()
+        claimed = db.session.execute(
+            update(Organization).where(
+                Organization.id == organization.id,
+                or_(Organization.stripe_customer_id.is_(None), Organization.stripe_customer_id == replacing))
+            .values(stripe_customer_id=customer_id).execution_options(synchronize_session=False)
+        ).rowcount
+        db.session.commit()
+        db.session.refresh(organization)
+        if not claimed and organization.stripe_customer_id != customer_id:
+            self.notes.append(f"Stripe customer {customer_id} was left unused: another run had claimed "
+                              f"{organization.stripe_customer_id} for the organization")
+            return False
+        return True
+
+    def _claim_draft(self, draft_id: str, replacing: str | None) -> None:
+        """Save the invoice's Stripe draft, only while the lock is still ours and only
+        over no draft or the one being replaced; anything else means the lock is lost."""
+        invoice = self.invoice
+        self._fence()
+        claimed = db.session.execute(
+            update(Invoice).where(
+                Invoice.id == invoice.id,
+                or_(Invoice.stripe_invoice_id.is_(None), Invoice.stripe_invoice_id == replacing))
+            .values(stripe_invoice_id=draft_id).execution_options(synchronize_session=False)
+        ).rowcount
+        db.session.commit()
+        db.session.refresh(invoice)
+        if not claimed and invoice.stripe_invoice_id != draft_id:
+            raise LockLost(f"invoice {invoice.id} got Stripe draft {invoice.stripe_invoice_id} from another "
+                           f"run while this one created {draft_id}")
+
+    def _fence(self) -> None:
+        if self.stripe.fence is not None:
+            self.stripe.fence()  # LockLost: claim nothing
 
     def _finalizes_at(self) -> int:
         """When Stripe is to finalize the draft should the portal's close never run: a
@@ -306,14 +345,16 @@ class _Run:
         if draft is None or getattr(draft, "deleted", False):
             self.notes.append(f"Stripe draft {stripe_id} was deleted at Stripe; created it again")
             return self._ensure_draft(replacing=stripe_id)
+        if draft.status != "draft":
+            # Finalized (or voided): it bills what it bills, whatever became of its
+            # customer since; the end-of-cycle logic takes over. Never a second one.
+            raise SyncStopped("stripe_invoice_finalized", f"Stripe invoice is {draft.status}")
         customer = draft.customer
         if getattr(customer, "deleted", False):
             self.notes.append(f"Stripe customer {customer.id} was deleted at Stripe; created it again "
                               f"with a new draft in place of {stripe_id}")
             self._ensure_customer(replacing=customer.id)
             return self._ensure_draft(replacing=stripe_id)
-        if draft.status != "draft":
-            raise SyncStopped("stripe_invoice_finalized", f"Stripe invoice is {draft.status}")
         if not _schedule_ok(draft, self.invoice.period_end):
             self._set_schedule(stripe_id, "The draft's finalization schedule was missing or out of date")
         return False
@@ -401,7 +442,7 @@ def _sync_locked(invoice_id: int, record: SyncRun, stripe: StripeGateway | None,
             return _finish(record, "not_open", f"the invoice is {invoice.status}")
         if invoice.sync_blocked:
             return _finish(record, "blocked", invoice.sync_blocked)
-        pending = _write_in_flight(invoice_id)
+        pending = _write_in_flight(invoice)
         if pending is not None:
             # A write an earlier run sent got no answer and may still land (its run lost
             # the lock mid-call: Redis lost the key, or it was frozen past its lease).
@@ -451,10 +492,14 @@ def _run_once(invoice: Invoice, invoice_id: int, record: SyncRun, stripe: Stripe
 WRITE_SETTLE_SECONDS = REQUEST_TIMEOUT_SECONDS + 5
 
 
-def _write_in_flight(invoice_id: int) -> StripeWrite | None:
+def _write_in_flight(invoice: Invoice) -> StripeWrite | None:
+    """An unanswered write younger than WRITE_SETTLE_SECONDS to this invoice's draft,
+    or to its organization's customer (creating one: a second could be created)."""
     return db.session.scalar(
         select(StripeWrite).where(
-            StripeWrite.invoice_id == invoice_id,
+            or_(StripeWrite.invoice_id == invoice.id,
+                (StripeWrite.organization_id == invoice.organization_id) & StripeWrite.invoice_id.is_(None)
+                & (StripeWrite.operation == "create_customer")),
             or_(StripeWrite.outcome.is_(None), StripeWrite.outcome == "no_answer"),
             StripeWrite.started_at > utcnow() - timedelta(seconds=WRITE_SETTLE_SECONDS),
         ).order_by(StripeWrite.started_at.desc()).limit(1)
