@@ -66,6 +66,9 @@ class Config:
     PORTAL_API_TOKENS = _list("PORTAL_API_TOKENS")
     SYNC_INTERVAL_SECONDS = _int("SYNC_INTERVAL_SECONDS", 60)
     CLOSE_INTERVAL_SECONDS = _int("CLOSE_INTERVAL_SECONDS", 300)
+    # Each Stripe write attempt is recorded (`stripe_writes`) for support and for the
+    # hold-off of unanswered writes (seconds); records older than this are deleted.
+    STRIPE_WRITES_KEEP_DAYS = _int("STRIPE_WRITES_KEEP_DAYS", 90)
     # Stripe counts reads and writes together: about 25 a second in test mode, 100 in
     # live mode. STRIPE_MAX_WRITES_PER_SECOND is the older name of the same budget.
     STRIPE_MAX_REQUESTS_PER_SECOND = _int("STRIPE_MAX_REQUESTS_PER_SECOND",

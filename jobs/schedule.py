@@ -33,6 +33,8 @@ def periodic_job_definitions(config) -> list[PeriodicJob]:
         # Events whose job was lost (a worker killed, Redis restarted) wait for this.
         PeriodicJob("sweep-stored-events", "jobs.webhooks.sweep_stored_events",
                     min(60, config["SYNC_INTERVAL_SECONDS"])),
+        PeriodicJob("prune-stripe-writes", "jobs.housekeeping.prune_stripe_writes", 3600, queue="default",
+                    timeout_seconds=600),
     ]
 
 
