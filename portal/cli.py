@@ -202,8 +202,8 @@ def schedule() -> None:
     """Register the periodic jobs with rq-scheduler (idempotent: fixed job ids)."""
     from flask import current_app
 
-    from jobs.schedule import schedule_periodic_jobs
     from portal.queue import redis_connection
+    from portal.schedule import schedule_periodic_jobs
 
     report = schedule_periodic_jobs(redis_connection(), current_app.config)
     for state in ("added", "kept", "removed"):
