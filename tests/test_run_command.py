@@ -46,7 +46,7 @@ def test_run_command_serves_demo_and_ctrl_c_stops_every_child(tmp_path):
     env = {key: value for key, value in os.environ.items()
            if key not in {"REDIS_URL", "DATABASE_URL", "SECRET_KEY", "PORTAL_API_TOKENS", "STRIPE_API_KEY"}}
     port = free_port()
-    env.update(PORT=str(port), PORTAL_INSTANCE_DIR=str(tmp_path / "instance"))
+    env.update(PORT=str(port), STRIPE_EMULATOR_PORT=str(free_port()), PORTAL_INSTANCE_DIR=str(tmp_path / "instance"))
     log = (tmp_path / "run.log").open("w+")
     process = subprocess.Popen([sys.executable, "run.py"], cwd=ROOT, env=env, stdout=log,
                                stderr=subprocess.STDOUT)
