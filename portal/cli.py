@@ -35,6 +35,7 @@ def register_commands(app: Flask) -> None:
     app.cli.add_command(close_cycle)
     app.cli.add_command(catalog)
     app.cli.add_command(stripe_portal_configuration)
+    app.cli.add_command(stripe_check)
 
 
 @click.group("catalog")
@@ -130,6 +131,25 @@ def stripe_portal_configuration(return_url: str) -> None:
     except StripeFailure as failure:
         raise click.ClickException(f"Stripe refused: {failure}") from failure
     click.echo(configuration.id)
+
+
+@click.command("stripe-check")
+@click.option("--forwarded", is_flag=True,
+              help="Events reach the portal through `stripe listen`: no webhook endpoint is needed.")
+@click.option("--url", "portal_url", help="The portal's public address; its endpoint must be URL/webhooks/stripe.")
+def stripe_check(forwarded: bool, portal_url: str | None) -> None:
+    """Check STRIPE_API_KEY and STRIPE_WEBHOOK_SECRET against Stripe (reads only):
+    test or live mode, API versions, the webhook endpoint and its events, and account
+    features the portal does not model. Exits 1 on any FAIL."""
+    from flask import current_app
+
+    from portal.stripe_check import check
+
+    report = check(current_app.config, forwarded=forwarded, portal_url=portal_url)
+    for line in report.lines():
+        click.echo(line)
+    if report.failed:
+        sys.exit(1)
 
 
 @click.command("close-cycle")
