@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from decimal import Decimal
 from http.cookiejar import CookieJar
 from pathlib import Path
 
@@ -123,6 +124,13 @@ def test_the_demo_carries_on_after_ctrl_c(tmp_path, redis_url):
         restart_seconds = time.monotonic() - second.started
         with urllib.request.urlopen(base + "/login", timeout=10) as response:
             assert response.status == 200
+        # The README's API example works as pasted (only the port differs here).
+        before = _api(base, token, "/api/v1/organizations/acme/invoices/current")
+        answers = _run_readme_api_example(base, cwd=tmp_path)
+        assert answers[0] == {"accepted": 1, "duplicates": 0}
+        egress = {item["product"]: Decimal(item["quantity"]) for item in answers[1]["items"]}["egress.gb"]
+        assert egress == {item["product"]: Decimal(item["quantity"])
+                          for item in before["items"]}["egress.gb"] + Decimal("12.5")
         # A sync after the restart finds the Stripe customer and draft it made before.
         usage = {"events": [{"id": "after-restart-1", "organization": "acme", "product": "egress.gb",
                              "quantity": "10", "occurred_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}]}
@@ -147,6 +155,23 @@ def test_the_demo_carries_on_after_ctrl_c(tmp_path, redis_url):
         print(f"run command restarted and served in {restart_seconds:.1f} s")
     finally:
         second.stop()
+
+
+def _run_readme_api_example(base: str, cwd: Path) -> list:
+    """The README's "Try the API" lines, run by bash in a folder holding instance/."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Try the API"):]
+    block = re.search(r"```sh\n(.*?)```", section, re.S).group(1)
+    assert len(block.strip().splitlines()) == 5
+    result = subprocess.run(["bash", "-c", block.replace("http://127.0.0.1:8000", base)], cwd=cwd,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    decoder, text, answers = json.JSONDecoder(), result.stdout.strip(), []
+    while text:
+        answer, end = decoder.raw_decode(text)
+        answers.append(answer)
+        text = text[end:].strip()
+    return answers
 
 
 def _api_offline(instance: Path) -> list[dict]:
