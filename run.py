@@ -197,8 +197,7 @@ def instance_dir() -> Path:
 
 
 def run_setup(argv: list[str], env: dict[str, str], setup_log: Path) -> None:
-    """A setup step (migrate, seed, schedule), its output in the setup log; on failure
-    the end of that log is shown."""
+    """A setup step, its output in the setup log; on failure the end of that log is shown."""
     with setup_log.open("a") as output:
         output.write(f"$ {' '.join([Path(argv[0]).name, *argv[1:]])}\n")
         output.flush()
@@ -279,9 +278,7 @@ def serve() -> int:
                        STRIPE_TEST_PAYMENT_METHOD=env.get("STRIPE_TEST_PAYMENT_METHOD", "pm_card_visa"))
         flask = [str(BIN / "flask"), "--app", "wsgi"]
         setup_log = log_dir / "setup.log"
-        run_setup([*flask, "db", "upgrade"], env, setup_log)
-        run_setup([*flask, "seed-demo"], env, setup_log)
-        run_setup([*flask, "schedule"], env, setup_log)
+        run_setup([*flask, "demo-setup"], env, setup_log)  # db upgrade, seed-demo, schedule
         children.start("worker", [str(BIN / "rq"), "worker", "--worker-class", "jobs.worker.PortalWorker",
                                    "sweeps", "sync", "webhooks", "default", "--url", env["REDIS_URL"], "--quiet"],
                        env)

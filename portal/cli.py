@@ -36,6 +36,7 @@ def register_commands(app: Flask) -> None:
     app.cli.add_command(catalog)
     app.cli.add_command(stripe_portal_configuration)
     app.cli.add_command(stripe_check)
+    app.cli.add_command(demo_setup)
 
 
 @click.group("catalog")
@@ -239,6 +240,19 @@ def seed_demo() -> None:
     created = seed()
     db.session.commit()
     click.echo("Demo data created." if created else "Demo data already present; nothing changed.")
+
+
+@click.command("demo-setup")
+@click.pass_context
+def demo_setup(context: click.Context) -> None:
+    """What the run command does at each start, in one process (one app start instead
+    of three): apply migrations, seed the demo data (safe to run twice) and register
+    the periodic jobs."""
+    from flask_migrate import upgrade
+
+    upgrade()
+    context.invoke(seed_demo)
+    context.invoke(schedule)
 
 
 @click.command("create-user")
