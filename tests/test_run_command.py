@@ -91,3 +91,28 @@ def test_run_command_serves_demo_and_ctrl_c_stops_every_child(tmp_path):
                 os.kill(pid, signal.SIGKILL)
             process.kill()
         log.close()
+
+
+def test_an_idle_worker_stops_at_once_on_sigterm(tmp_path, redis_url):
+    """Ctrl-C in the run command is a SIGTERM to the worker: an idle worker ends at
+    once instead of taking it for a lost Redis and serving again."""
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'portal.db'}", "SECRET_KEY": "x",
+           "REDIS_URL": redis_url}
+    log = (tmp_path / "worker.log").open("w+")
+    worker = subprocess.Popen([str(Path(sys.executable).parent / "rq"), "worker", "-w", "jobs.worker.PortalWorker",
+                               "sweeps", "sync", "webhooks", "default", "--url", redis_url],
+                              cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while "Listening on" not in (tmp_path / "worker.log").read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "Listening on" in (tmp_path / "worker.log").read_text()
+        worker.send_signal(signal.SIGTERM)
+        stopped = time.monotonic()
+        assert worker.wait(timeout=10) == 0
+        assert time.monotonic() - stopped < 5
+        assert "serving again" not in (tmp_path / "worker.log").read_text()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        log.close()
