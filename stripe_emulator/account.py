@@ -20,6 +20,11 @@ from .objects import API_VERSION
 ACCOUNT_ID = "acct_1EmuEmulatorAcct"
 
 
+def _no_requirements() -> dict:
+    return {"alternatives": [], "current_deadline": None, "currently_due": [], "disabled_reason": None,
+            "errors": [], "eventually_due": [], "past_due": [], "pending_verification": []}
+
+
 class Account:
     """Store mixin: the account, ``webhook_endpoint``, ``tax.settings``, ``coupon``."""
 
@@ -50,10 +55,15 @@ class Account:
             "default_currency": "usd",
             "details_submitted": True,
             "email": "account@emulator.test",
+            "external_accounts": {"object": "list", "data": [], "has_more": False,
+                                  "url": f"/v1/accounts/{ACCOUNT_ID}/external_accounts"},
+            "future_requirements": _no_requirements(),
             "metadata": {},
             "payouts_enabled": True,
+            "requirements": _no_requirements(),
             "settings": {"dashboard": {"display_name": "Stripe emulator", "timezone": "Etc/UTC"},
                          "invoices": {"default_account_tax_ids": None, "hosted_payment_method_save": None}},
+            "tos_acceptance": {"date": 1_600_000_000, "ip": None, "user_agent": None},
             "type": "standard",
         }
 

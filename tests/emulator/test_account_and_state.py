@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 import stripe
-from emulator_helpers import ROOT, make_client
+from emulator_helpers import FIXTURES, ROOT, make_client
 
 from stripe_emulator.process import start_emulator
 
@@ -26,6 +26,19 @@ def test_account_answers_with_the_accounts_default_version_when_none_is_asked(em
     request.add_header("Stripe-Version", stripe.api_version)
     with urllib.request.urlopen(request) as response:
         assert response.headers["Stripe-Version"] == stripe.api_version
+
+
+def test_account_endpoint_and_tax_settings_carry_every_fixture_field(client, ctl):
+    import json
+
+    with open(FIXTURES) as f:
+        fixtures = json.load(f)["resources"]
+    endpoint = client.v1.webhook_endpoints.create({"url": "https://x.example/webhooks/stripe",
+                                                   "enabled_events": ["*"]}).to_dict()
+    for ours, name in ((client.v1.accounts.retrieve_current().to_dict(), "account"),
+                       (client.v1.tax.settings.retrieve().to_dict(), "tax.settings"),
+                       (endpoint, "webhook_endpoint")):
+        assert set(fixtures[name]) - set(ours) == set(), name
 
 
 def test_webhook_endpoints_list_the_delivery_endpoint_and_created_ones(client, ctl):
