@@ -116,3 +116,19 @@ def test_an_idle_worker_stops_at_once_on_sigterm(tmp_path, redis_url):
         if worker.poll() is None:
             worker.kill()
         log.close()
+
+
+def test_a_taken_emulator_port_stops_the_start_with_a_clear_message(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {key: value for key, value in os.environ.items() if key not in {"STRIPE_API_KEY", "REDIS_URL"}}
+        env.update(PORT=str(free_port()), STRIPE_EMULATOR_PORT=str(port), PORTAL_INSTANCE_DIR=str(tmp_path / "i"))
+        result = subprocess.run([sys.executable, "run.py"], cwd=ROOT, env=env, capture_output=True, text=True,
+                                timeout=300)
+    assert result.returncode == 1
+    assert f"port {port} (the Stripe emulator) is in use" in result.stdout
+    assert "STRIPE_EMULATOR_PORT=" in result.stdout and "started" not in result.stdout
