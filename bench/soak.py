@@ -1668,7 +1668,7 @@ def main() -> int:
         plan, gap = fitting_plan(args.seconds, args.fault_gap, window, args.seed)
         if gap < args.fault_gap:
             say(f"fault gap {gap:.1f}s instead of {args.fault_gap:.0f}s, for every kind to fit in the load once")
-        from jobs.schedule import periodic_job_definitions
+        from portal.schedule import periodic_job_definitions
 
         interval = int(stack.env["SYNC_INTERVAL_SECONDS"])
         periodic = {job.func.rsplit(".", 1)[-1]: job.job_id for job in periodic_job_definitions(

@@ -22,7 +22,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq_scheduler import Scheduler
 
 from jobs.app import get_app
-from jobs.schedule import periodic_job_definitions, schedule_periodic_jobs
+from portal.schedule import periodic_job_definitions, schedule_periodic_jobs
 
 log = logging.getLogger("portal.scheduler")
 

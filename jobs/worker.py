@@ -36,7 +36,10 @@ class _OutlivesRedis:
             except RedisError as error:  # lost between jobs, even registering
                 log.warning("worker %s: Redis unavailable: %s", self.name, error)
                 result = False
-            if burst or self._stop_requested or kwargs.get("max_jobs") or kwargs.get("max_idle_time"):
+            # SIGTERM/SIGINT while idle ends RQ's loop without _stop_requested (RQ
+            # raises StopRequested at once); its shutdown date says it was asked to stop.
+            stop_asked = self._stop_requested or self._shutdown_requested_date is not None
+            if burst or stop_asked or kwargs.get("max_jobs") or kwargs.get("max_idle_time"):
                 return result
             # RQ quit on its own: Redis went away (or a loop error it does not handle).
             log.warning("worker %s: the work loop ended; serving again once Redis answers", self.name)

@@ -35,6 +35,8 @@ def register_commands(app: Flask) -> None:
     app.cli.add_command(close_cycle)
     app.cli.add_command(catalog)
     app.cli.add_command(stripe_portal_configuration)
+    app.cli.add_command(stripe_check)
+    app.cli.add_command(demo_setup)
 
 
 @click.group("catalog")
@@ -132,6 +134,25 @@ def stripe_portal_configuration(return_url: str) -> None:
     click.echo(configuration.id)
 
 
+@click.command("stripe-check")
+@click.option("--forwarded", is_flag=True,
+              help="Events reach the portal through `stripe listen`: no webhook endpoint is needed.")
+@click.option("--url", "portal_url", help="The portal's public address; its endpoint must be URL/webhooks/stripe.")
+def stripe_check(forwarded: bool, portal_url: str | None) -> None:
+    """Check STRIPE_API_KEY and STRIPE_WEBHOOK_SECRET against Stripe (reads only):
+    test or live mode, API versions, the webhook endpoint and its events, and account
+    features the portal does not model. Exits 1 on any FAIL."""
+    from flask import current_app
+
+    from portal.stripe_check import check
+
+    report = check(current_app.config, forwarded=forwarded, portal_url=portal_url)
+    for line in report.lines():
+        click.echo(line)
+    if report.failed:
+        sys.exit(1)
+
+
 @click.command("close-cycle")
 @click.option("--org", "org_slug", help="Close this organization's open invoice now, whatever its period.")
 @click.option("--due", is_flag=True, help="Close every invoice whose period has ended.")
@@ -202,8 +223,8 @@ def schedule() -> None:
     """Register the periodic jobs with rq-scheduler (idempotent: fixed job ids)."""
     from flask import current_app
 
-    from jobs.schedule import schedule_periodic_jobs
     from portal.queue import redis_connection
+    from portal.schedule import schedule_periodic_jobs
 
     report = schedule_periodic_jobs(redis_connection(), current_app.config)
     for state in ("added", "kept", "removed"):
@@ -219,6 +240,19 @@ def seed_demo() -> None:
     created = seed()
     db.session.commit()
     click.echo("Demo data created." if created else "Demo data already present; nothing changed.")
+
+
+@click.command("demo-setup")
+@click.pass_context
+def demo_setup(context: click.Context) -> None:
+    """What the run command does at each start, in one process (one app start instead
+    of three): apply migrations, seed the demo data (safe to run twice) and register
+    the periodic jobs."""
+    from flask_migrate import upgrade
+
+    upgrade()
+    context.invoke(seed_demo)
+    context.invoke(schedule)
 
 
 @click.command("create-user")

@@ -234,6 +234,22 @@ class StripeGateway:
                            lambda options: self.client.v1.billing_portal.configurations.create(
                                params=params, options=options))
 
+    # --- the account's setup (read by `flask stripe-check`) --------------------------
+
+    def retrieve_account(self):
+        return self._read(lambda: self.client.v1.accounts.retrieve_current())
+
+    def webhook_endpoints(self) -> Iterator[Any]:
+        return self._paginate(lambda params: self.client.v1.webhook_endpoints.list(params=params))
+
+    def tax_settings(self):
+        return self._read(lambda: self.client.v1.tax.settings.retrieve())
+
+    def any_coupon(self):
+        """One of the account's coupons, or None."""
+        page = self._read(lambda: self.client.v1.coupons.list(params={"limit": 1}))
+        return page.data[0] if page.data else None
+
     def _paginate(self, fetch) -> Iterator[Any]:
         params: dict = {"limit": LIST_PAGE_SIZE}
         while True:

@@ -13,7 +13,8 @@ events, the clock-driven scheduler), ``payment_methods`` (test cards, attaching)
 ``portal`` (customer-portal configurations and sessions), ``objects`` (JSON shapes),
 ``idempotency``, ``faults``, ``ratelimit`` (Stripe's combined rate limit),
 ``webhooks``, ``clock``, ``pages`` (hosted invoice page, PDF, billing portal page),
-``process`` (launcher), ``control`` (control-API client).
+``account`` (the account, webhook endpoints, tax settings, coupons), ``state`` (the
+optional state file), ``process`` (launcher), ``control`` (control-API client).
 
 This package never imports the portal.
 """

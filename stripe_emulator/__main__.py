@@ -10,7 +10,10 @@ billing-portal URLs; default ``http://HOST:PORT``), ``--payment-delay SECONDS``
 configuration, as after saving the portal settings in the Dashboard),
 ``--rate-limit N`` (requests per second, reads and writes together; default off),
 ``--parent-pid`` (exit when that process is no longer the parent: set by
-:func:`~stripe_emulator.process.start_emulator`).
+:func:`~stripe_emulator.process.start_emulator`), ``--state-file PATH`` (keep the
+objects across restarts: see :mod:`stripe_emulator.state`).
+
+A port already in use is an error (exit 2) naming the port.
 
 Prints one line ``stripe-emulator ready url=http://HOST:PORT pid=PID`` on stdout when
 it accepts connections, then serves until SIGTERM or SIGINT and exits 0.
@@ -19,13 +22,15 @@ it accepts connections, then serves until SIGTERM or SIGINT and exits 0.
 from __future__ import annotations
 
 import argparse
+import errno
 import gc
 import os
 import signal
 import sys
 import threading
+import time
 
-from . import DEFAULT_API_KEY
+from . import DEFAULT_API_KEY, state
 from .server import make_server
 
 
@@ -49,6 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     ap.add_argument("--rate-limit", type=float, metavar="N", help="requests per second, reads and writes together")
     ap.add_argument("--parent-pid", type=int, help="exit when this process is no longer our parent")
+    ap.add_argument("--state-file", help="read the state from this file at start and keep it written there")
     args = ap.parse_args(argv)
     if not args.api_keys:
         env = os.environ.get("STRIPE_EMULATOR_API_KEY")
@@ -68,7 +74,8 @@ def main(argv=None) -> int:
     # The emulator keeps many small long-lived dicts (objects, events); the default
     # GC thresholds make it rescan them constantly. Collect far less often.
     gc.set_threshold(100_000, 50, 1000)
-    server = make_server(
+    try:
+        server = make_server(
         args.host,
         args.port,
         api_keys=args.api_keys,
@@ -79,7 +86,20 @@ def main(argv=None) -> int:
         payment_delay=args.payment_delay,
         portal_default_configuration=args.portal_default_configuration,
         rate_limit=args.rate_limit or None,
-    )
+        )
+    except OSError as error:
+        print(f"stripe-emulator: cannot listen on {args.host}:{args.port}: {error.strerror or error}"
+              + (" (another process uses it; pick another with --port)" if error.errno == errno.EADDRINUSE else ""),
+              file=sys.stderr, flush=True)
+        return 2
+    if args.state_file:
+        try:
+            loaded = state.load(server.emulator, args.state_file)
+        except ValueError as error:
+            print(f"stripe-emulator: {error}", file=sys.stderr, flush=True)
+            return 2
+        if loaded:
+            print(f"stripe-emulator: state read from {args.state_file}", file=sys.stderr, flush=True)
     stop = threading.Event()
 
     def on_signal(signum, frame):
@@ -92,13 +112,23 @@ def main(argv=None) -> int:
     host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
     url = f"http://{host}:{server.server_address[1]}"
     print(f"stripe-emulator ready url={url} pid={os.getpid()}", flush=True)
+    saved_mark = state.change_mark(server.emulator) if args.state_file else None
+    last_save = time.monotonic()
     while not stop.wait(0.5):
         if args.parent_pid and os.getppid() != args.parent_pid:
             break  # the process that started us is gone
+        if args.state_file and time.monotonic() - last_save >= state.SAVE_EVERY_SECONDS:
+            last_save = time.monotonic()
+            mark = state.change_mark(server.emulator)
+            if mark != saved_mark:
+                state.save(server.emulator, args.state_file)
+                saved_mark = mark
 
     server.shutdown()
     server.server_close()
     server.emulator.shutdown()
+    if args.state_file:
+        state.save(server.emulator, args.state_file)
     print("stripe-emulator stopped", file=sys.stderr, flush=True)
     return 0
 

@@ -41,6 +41,11 @@ class Clock:
             self._offset += seconds
         return self.now()
 
+    def restore_offset(self, offset: float) -> None:
+        """Take back an offset saved with the emulator's state."""
+        with self._lock:
+            self._offset = float(offset)
+
     def reset(self) -> None:
         """Back to wall-clock time."""
         with self._lock:

@@ -96,5 +96,15 @@ class IdempotencyStore:
         with self._lock:
             self._entries.clear()
 
+    def snapshot(self) -> dict:
+        """The finished keys (for the state file); keys still in flight are left out."""
+        with self._lock:
+            return {k: e for k, e in self._entries.items() if e.done}
+
+    def restore(self, entries: dict) -> None:
+        """Take the keys of a :meth:`snapshot` back."""
+        with self._lock:
+            self._entries = dict(entries)
+
     def __len__(self) -> int:
         return len(self._entries)

@@ -1,7 +1,8 @@
 """Rendering stored records as Stripe API objects (current API version shapes).
 
 Each ``render_*`` function returns a fresh JSON-ready dict carrying every top-level
-field that Stripe's own example of that object (``shared/stripe/fixtures3.json``)
+field that Stripe's own example of that object (stripe/openapi's ``fixtures3.json``,
+kept in ``tests/emulator/fixtures/``)
 carries; fields the emulator has no behaviour for hold the value Stripe gives them
 for a plain test-mode account (``null``, ``[]``, ``false`` ...).
 """

@@ -104,6 +104,13 @@ ROUTES = [
         "billing_portal.ConfigurationUpdateParams",
         "update_portal_configuration",
     ),
+    ("GET", r"/v1/account", "AccountRetrieveCurrentParams", "retrieve_account"),
+    ("POST", r"/v1/webhook_endpoints", "WebhookEndpointCreateParams", "create_webhook_endpoint"),
+    ("GET", r"/v1/webhook_endpoints", "WebhookEndpointListParams", "list_webhook_endpoints"),
+    ("GET", r"/v1/webhook_endpoints/([^/]+)", "WebhookEndpointRetrieveParams", "retrieve_webhook_endpoint"),
+    ("DELETE", r"/v1/webhook_endpoints/([^/]+)", "WebhookEndpointDeleteParams", "delete_webhook_endpoint"),
+    ("GET", r"/v1/tax/settings", "tax.SettingsRetrieveParams", "retrieve_tax_settings"),
+    ("GET", r"/v1/coupons", "CouponListParams", "list_coupons"),
     ("GET", r"/v1/payment_methods", "PaymentMethodListParams", "list_payment_methods"),
     ("GET", r"/v1/payment_methods/([^/]+)", "PaymentMethodRetrieveParams", "retrieve_payment_method"),
     ("POST", r"/v1/payment_methods/([^/]+)/attach", "PaymentMethodAttachParams", "attach_payment_method"),
@@ -171,6 +178,7 @@ class Emulator:
         self.webhooks = WebhookDispatcher(webhook_url, webhook_secret)
         self.store.on_event = self.webhooks.enqueue
         self.store.webhooks_configured = lambda: bool(self.webhooks.url)
+        self.store.webhook_url = lambda: self.webhooks.url
         self.log: list[dict] = []
         self._log_base = 0  # absolute index of self.log[0]
         self._writing: set[str] = set()  # objects with a write in flight (lock_contention)
@@ -200,6 +208,8 @@ class Emulator:
         "payment_retry_days",
         "portal_default_configuration",
         "rate_limit_per_second",
+        "account_api_version",
+        "tax_status",
     )
 
     def configure(self, data: dict) -> dict:
@@ -224,6 +234,12 @@ class Emulator:
             if not isinstance(days, (list, tuple)) or any(float(d) <= 0 for d in days):
                 raise ValueError("payment_retry_days must be a list of positive numbers of days")
             new["payment_retry_days"] = tuple(float(d) for d in days)
+        if "account_api_version" in data:
+            new["account_api_version"] = str(data["account_api_version"] or API_VERSION)
+        if "tax_status" in data:
+            if data["tax_status"] not in ("active", "pending"):
+                raise ValueError("tax_status must be 'active' or 'pending'")
+            new["tax_status"] = data["tax_status"]
         limit = data.get("rate_limit_per_second")
         limit = float(limit) if limit not in (None, "", False) else None
         if limit is not None and limit < 0:
@@ -251,6 +267,8 @@ class Emulator:
                 "portal_default_configuration_id": default["id"] if default else None,
                 "rate_limit_per_second": self.rate_limiter.per_second,
                 "api_version": API_VERSION,
+                "account_api_version": store.account_api_version,
+                "tax_status": store.tax_status,
             }
 
     def shutdown(self) -> None:
@@ -284,7 +302,8 @@ class Emulator:
         """Handle one ``/v1`` request; return (status, headers, payload bytes | _DROP)."""
         t0 = time.perf_counter()
         req_id = self._next_request_id()
-        rh = {"request-id": req_id, "Stripe-Version": API_VERSION}
+        # The version the request asked for; without one, the account's default (as Stripe).
+        rh = {"request-id": req_id, "Stripe-Version": headers.get("Stripe-Version") or self.store.account_api_version}
         api_key = self._api_key(headers)
         idem_key = headers.get("Idempotency-Key") if method == "POST" else None
         if idem_key:

@@ -8,7 +8,7 @@ portal (:mod:`~stripe_emulator.portal`) are mixins sharing its state. Callers ho
 ``store.lock`` around each operation (the server does), receive validated parameters
 (see :mod:`stripe_emulator.params`) and get back rendered Stripe objects.
 
-Rules reproduced here (see shared/STRIPE.md): totals recomputed from the items on
+Rules reproduced here (see the emulator's README): totals recomputed from the items on
 every change; items only on draft invoices, at most 250 per invoice; edits after
 finalization refused (``invoice_not_editable``); ``pending_invoice_items_behavior``;
 ``auto_advance`` and ``automatically_finalizes_at`` (scheduled only with
@@ -30,6 +30,7 @@ import threading
 from decimal import ROUND_HALF_UP, Decimal
 
 from . import objects as O
+from .account import Account
 from .clock import Clock
 from .errors import StripeError, missing_param, no_such
 from .params import apply_metadata, check_metadata
@@ -63,7 +64,7 @@ def not_editable(message: str, param: str | None = None) -> StripeError:
     return StripeError(message, code="invoice_not_editable", param=param)
 
 
-class Store(PaymentMethods, Collection, BillingPortal):
+class Store(PaymentMethods, Collection, BillingPortal, Account):
     """All objects plus the operations of the emulated endpoints."""
 
     def __init__(self, clock: Clock, *, max_bulk_lines: int = 50, base_url: str = "") -> None:
@@ -76,6 +77,7 @@ class Store(PaymentMethods, Collection, BillingPortal):
         self._pinned: int | None = None  # the scheduled time of the work run_due is doing
         self.on_event = None  # callable(event_id, type, json_bytes), set by the server
         self.webhooks_configured = lambda: False
+        self.webhook_url = lambda: None  # the endpoint webhooks are delivered to, set by the server
         self._rand = random.Random()
         self._tag = "".join(self._rand.choices(_ALNUM, k=10))
         self._counter = itertools.count(1)
@@ -100,6 +102,7 @@ class Store(PaymentMethods, Collection, BillingPortal):
             self.request_ctx: tuple[str | None, str | None] = (None, None)
             self._reset_payment_methods()
             self._reset_portal()
+            self._reset_account()
 
     def now(self) -> int:
         """Emulated time; while :meth:`run_due` works, the time the work was due."""

@@ -1,4 +1,5 @@
-"""Fixtures: `app`, `db`, `client`, `runner`, `auth`, `redis_url`, `make` (factories).
+"""Fixtures: `app`, `db`, `client`, `runner`, `auth`, `redis_url`, `make` (factories),
+`count_queries`, `live_server`, `stripe_emulator`.
 
 Tests commit for real (the concurrency and crash tests need it); every test that
 uses `app` starts from empty tables and an empty Redis database.
@@ -14,6 +15,7 @@ from sqlalchemy import text
 
 from config import TestConfig, database_url
 from tests.factories import Factories
+from tests.query_counter import QueryCounter
 from tests.services import RedisServer, redis_url_from_env, require_database, require_redis
 
 
@@ -102,6 +104,12 @@ def client(app):
 @pytest.fixture
 def runner(app):
     return app.test_cli_runner()
+
+
+@pytest.fixture
+def count_queries(db) -> QueryCounter:
+    """`with count_queries:` counts the SQL statements sent meanwhile (`.count`, `.statements`)."""
+    return QueryCounter(db.engine)
 
 
 @pytest.fixture

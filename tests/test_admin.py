@@ -15,12 +15,6 @@ from portal.models import AuditEntry, Invoice, InvoiceItem, Product, StripeEvent
 from portal.models.types import utcnow
 from portal.queue import redis_connection
 from tests.sync_helpers import assert_stripe_matches_portal
-from tests.test_customer_pages import QueryCounter
-
-
-@pytest.fixture
-def count_queries(db):
-    return QueryCounter(db.engine)
 
 
 @pytest.fixture

@@ -8,7 +8,8 @@ import pytest
 from sqlalchemy import select
 
 from portal import money
-from portal.billing.services import attach_service, charge_services, detach_service
+from portal.billing.service_charges import charge_services
+from portal.billing.services import attach_service, detach_service
 from portal.models import Invoice, ServiceAttachment
 from tests.api_helpers import HEADERS
 

@@ -6,41 +6,12 @@ from datetime import timedelta
 from decimal import Decimal
 
 import pytest
-from sqlalchemy import event
 
 from portal.billing.pricing import add_quantity
 from portal.billing.services import attach_service, detach_service
 from portal.models import Invoice, SyncRun
 from portal.models.types import utcnow
 from tests.sync_helpers import stripe_client
-
-
-class QueryCounter:
-    """Counts the SQL statements sent to the database while it is active."""
-
-    def __init__(self, engine):
-        self.engine = engine
-        self.statements: list[str] = []
-
-    def _count(self, _conn, _cursor, statement, *_args):
-        self.statements.append(statement)
-
-    def __enter__(self) -> QueryCounter:
-        self.statements = []
-        event.listen(self.engine, "before_cursor_execute", self._count)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        event.remove(self.engine, "before_cursor_execute", self._count)
-
-    @property
-    def count(self) -> int:
-        return len(self.statements)
-
-
-@pytest.fixture
-def count_queries(db):
-    return QueryCounter(db.engine)
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ from sqlalchemy import func, select
 import portal.billing.sync
 import portal.locks
 from jobs.app import use_app
-from jobs.schedule import periodic_job_definitions
 from portal.billing.closing import CloseError, claim_for_closing, close_cycle, due_invoice_ids
 from portal.billing.events import unprocessed_event_ids
 from portal.billing.lines import STRIPE_MAX_ITEMS_PER_INVOICE
@@ -26,6 +25,7 @@ from portal.billing.sync import MAX_RECONCILE_ROUNDS, sync_invoice, unsynced_inv
 from portal.locks import invoice_lock
 from portal.models import Invoice, Product, StripeEvent, StripeWrite
 from portal.queue import QUEUE_NAMES, redis_connection
+from portal.schedule import periodic_job_definitions
 from portal.stripe_gateway import (
     MAX_ATTEMPTS,
     InvoiceNotEditable,

@@ -1,4 +1,4 @@
-"""Failures billing systems like ours have had (shared/FAILURES.md), reproduced."""
+"""Failures billing systems like ours have had, reproduced."""
 from __future__ import annotations
 
 import os

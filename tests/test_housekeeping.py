@@ -7,9 +7,9 @@ from sqlalchemy import select
 
 from jobs.app import use_app
 from jobs.housekeeping import prune_stripe_writes
-from jobs.schedule import periodic_job_definitions
 from portal.models import StripeWrite
 from portal.models.types import utcnow
+from portal.schedule import periodic_job_definitions
 
 
 def _write(db, key: str, age: timedelta, outcome: str | None = "applied") -> None:

@@ -46,7 +46,7 @@ def test_run_command_serves_demo_and_ctrl_c_stops_every_child(tmp_path):
     env = {key: value for key, value in os.environ.items()
            if key not in {"REDIS_URL", "DATABASE_URL", "SECRET_KEY", "PORTAL_API_TOKENS", "STRIPE_API_KEY"}}
     port = free_port()
-    env.update(PORT=str(port), PORTAL_INSTANCE_DIR=str(tmp_path / "instance"))
+    env.update(PORT=str(port), STRIPE_EMULATOR_PORT=str(free_port()), PORTAL_INSTANCE_DIR=str(tmp_path / "instance"))
     log = (tmp_path / "run.log").open("w+")
     process = subprocess.Popen([sys.executable, "run.py"], cwd=ROOT, env=env, stdout=log,
                                stderr=subprocess.STDOUT)
@@ -91,3 +91,44 @@ def test_run_command_serves_demo_and_ctrl_c_stops_every_child(tmp_path):
                 os.kill(pid, signal.SIGKILL)
             process.kill()
         log.close()
+
+
+def test_an_idle_worker_stops_at_once_on_sigterm(tmp_path, redis_url):
+    """Ctrl-C in the run command is a SIGTERM to the worker: an idle worker ends at
+    once instead of taking it for a lost Redis and serving again."""
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'portal.db'}", "SECRET_KEY": "x",
+           "REDIS_URL": redis_url}
+    log = (tmp_path / "worker.log").open("w+")
+    worker = subprocess.Popen([str(Path(sys.executable).parent / "rq"), "worker", "-w", "jobs.worker.PortalWorker",
+                               "sweeps", "sync", "webhooks", "default", "--url", redis_url],
+                              cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while "Listening on" not in (tmp_path / "worker.log").read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "Listening on" in (tmp_path / "worker.log").read_text()
+        worker.send_signal(signal.SIGTERM)
+        stopped = time.monotonic()
+        assert worker.wait(timeout=10) == 0
+        assert time.monotonic() - stopped < 5
+        assert "serving again" not in (tmp_path / "worker.log").read_text()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        log.close()
+
+
+def test_a_taken_emulator_port_stops_the_start_with_a_clear_message(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {key: value for key, value in os.environ.items() if key not in {"STRIPE_API_KEY", "REDIS_URL"}}
+        env.update(PORT=str(free_port()), STRIPE_EMULATOR_PORT=str(port), PORTAL_INSTANCE_DIR=str(tmp_path / "i"))
+        result = subprocess.run([sys.executable, "run.py"], cwd=ROOT, env=env, capture_output=True, text=True,
+                                timeout=300)
+    assert result.returncode == 1
+    assert f"port {port} (the Stripe emulator) is in use" in result.stdout
+    assert "STRIPE_EMULATOR_PORT=" in result.stdout and "started" not in result.stdout

@@ -10,11 +10,11 @@ from rq import Queue, SimpleWorker
 from rq_scheduler import Scheduler
 
 from jobs.app import use_app
-from jobs.schedule import schedule_periodic_jobs
 from jobs.sync import sweep_unsynced
 from portal.billing.pricing import add_quantity
 from portal.models import Invoice
 from portal.queue import redis_connection
+from portal.schedule import schedule_periodic_jobs
 from portal.stripe_gateway import RequestBudget
 from tests.api_helpers import HEADERS
 from tests.sync_helpers import assert_stripe_matches_portal

@@ -15,7 +15,6 @@ not (usually none), lock the items in key order, then one statement that writes 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from datetime import datetime
 from decimal import Decimal
 
@@ -24,19 +23,6 @@ from sqlalchemy.dialects import sqlite
 
 from portal.extensions import db
 from portal.models import Invoice, InvoiceItem, UsageEvent
-
-
-def _json_value(value):
-    if isinstance(value, Decimal):
-        return str(value)
-    if isinstance(value, datetime):
-        return value.isoformat()
-    raise TypeError(f"cannot send {type(value).__name__} as JSON")
-
-
-def json_rows(rows: Iterable[dict]) -> str:
-    """Rows as a JSON array; decimals travel as exact text."""
-    return json.dumps(list(rows), default=_json_value, separators=(",", ":"))
 
 
 def _postgresql() -> bool:
@@ -211,41 +197,17 @@ def update_items_and_invoices(changes: list[dict], amount_deltas: dict[int, int]
     return dict(db.session.execute(select(Invoice.id, Invoice.status).where(Invoice.id.in_(ids))).all())
 
 
-_PG_UPDATE_ITEMS = text(
-    "UPDATE invoice_items SET quantity = c.quantity, amount_cents = c.amount_cents, version = c.version,"
-    " updated_at = c.updated_at "
-    "FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS c(id bigint, quantity numeric, amount_cents bigint,"
-    " version int, updated_at timestamptz) WHERE invoice_items.id = c.id"
-)
-
-
 def update_items(changes: list[dict]) -> None:
-    """Write new quantity, amount_cents, version and updated_at of items by id."""
-    if _postgresql():
-        db.session.execute(_PG_UPDATE_ITEMS, {"rows": json_rows(changes)})
-    else:
-        db.session.execute(update(InvoiceItem), changes, execution_options={"synchronize_session": False})
-
-
-# NO KEY UPDATE: concurrent batches hold KEY SHARE locks on these rows (the foreign
-# keys of the events and items they insert); FOR UPDATE would deadlock with them.
-_PG_LOCK_INVOICES = text("SELECT id FROM invoices WHERE id = ANY(CAST(:ids AS bigint[])) ORDER BY id FOR NO KEY UPDATE")
-_PG_MOVE_INVOICES = text(
-    "UPDATE invoices SET total_cents = invoices.total_cents + d.delta, change_seq = invoices.change_seq + 1 "
-    "FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS d(id bigint, delta bigint) WHERE invoices.id = d.id"
-)
+    """Write new quantity, amount_cents, version and updated_at of items by id (SQLite;
+    PostgreSQL does it inside `update_items_and_invoices`' one statement)."""
+    db.session.execute(update(InvoiceItem), changes, execution_options={"synchronize_session": False})
 
 
 def move_invoices(amount_deltas: dict[int, int]) -> None:
     """Add each amount delta to its invoice's total and mark the invoice changed
-    (change_seq + 1), atomically in the database."""
-    ids = sorted(amount_deltas)
-    if _postgresql():
-        db.session.execute(_PG_LOCK_INVOICES, {"ids": ids})
-        db.session.execute(_PG_MOVE_INVOICES,
-                           {"rows": json_rows({"id": i, "delta": amount_deltas[i]} for i in ids)})
-        return
-    for invoice_id in ids:
+    (change_seq + 1), atomically in the database (SQLite; PostgreSQL does it inside
+    `update_items_and_invoices`' one statement)."""
+    for invoice_id in sorted(amount_deltas):
         db.session.execute(
             update(Invoice).where(Invoice.id == invoice_id)
             .values(total_cents=Invoice.total_cents + amount_deltas[invoice_id],

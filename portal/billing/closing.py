@@ -23,7 +23,7 @@ from decimal import Decimal
 from sqlalchemy import select, update
 
 from portal.billing.invoices import ensure_open_invoice
-from portal.billing.services import charge_services
+from portal.billing.service_charges import charge_services
 from portal.billing.sync import sync_invoice
 from portal.extensions import db
 from portal.locks import DEFAULT_WAIT_SECONDS, LockLost, invoice_lock

@@ -39,6 +39,11 @@ def has_handler(event_type: str) -> bool:
     return event_type in _handlers
 
 
+def handled_event_types() -> list[str]:
+    """Every event type a handler takes: what the webhook endpoint must send."""
+    return sorted(_handlers)
+
+
 def store_event(event: dict) -> tuple[int, bool]:
     """Store the event unless it is stored already; returns (row id, newly stored).
     Concurrent deliveries of one event store one row (INSERT ... ON CONFLICT). An

@@ -7,6 +7,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from portal.billing.cycles import cycle_containing
+from portal.billing.placement import price_pending_usage
+from portal.billing.service_charges import charge_services
 from portal.extensions import db
 from portal.models import Invoice, Organization
 from portal.models.types import utcnow
@@ -60,8 +62,5 @@ def ensure_open_invoice(organization: Organization, at: datetime | None = None,
 def _fill_new_invoice(invoice: Invoice) -> None:
     """A new cycle's invoice starts with the services attached during it and the
     usage that arrived for it before it opened."""
-    from portal.billing.services import charge_services
-    from portal.billing.usage import price_pending_usage
-
     charge_services(invoice)
     price_pending_usage(invoice)

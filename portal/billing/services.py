@@ -13,40 +13,15 @@ from __future__ import annotations
 from datetime import datetime
 from decimal import Decimal
 
-from sqlalchemy import or_, select
-
-from portal import money
-from portal.billing.cycles import cycle_containing
 from portal.billing.invoices import ensure_open_invoice
-from portal.billing.pricing import set_item
+from portal.billing.service_charges import charge_attachment
 from portal.extensions import db
-from portal.models import Invoice, Organization, Product, ServiceAttachment
+from portal.models import Organization, Product, ServiceAttachment
 from portal.models.types import utcnow
 
 
 class ServiceError(ValueError):
     """A service request that cannot be honoured (wrong product, already detached...)."""
-
-
-def _key(attachment: ServiceAttachment) -> str:
-    return f"{attachment.product.code}|{attachment.resource}|svc:{attachment.id}"
-
-
-def _charge(attachment: ServiceAttachment, invoice: Invoice) -> bool:
-    start = max(attachment.attached_at, invoice.period_start)
-    end = min(attachment.detached_at or invoice.period_end, invoice.period_end)
-    seconds = money.seconds_between(start, end)
-    # The price is per cycle; an invoice cut short by "close cycle now" covers part of one.
-    cycle_start, cycle_end = cycle_containing(invoice.period_start, attachment.organization.cycle_anchor_day)
-    amount = money.prorated_amount(
-        attachment.quantity, attachment.product.unit_price, seconds,
-        money.seconds_between(cycle_start, cycle_end),
-    )
-    until = f"{attachment.detached_at:%Y-%m-%d %H:%M}" if attachment.detached_at else "end of cycle"
-    label = attachment.product.name + (f" ({attachment.resource})" if attachment.resource else "")
-    description = f"{label}, from {start:%Y-%m-%d %H:%M} to {until} UTC"
-    return set_item(invoice.id, attachment.product, _key(attachment), resource=attachment.resource,
-                    description=description, quantity=attachment.quantity, amount_cents=amount)
 
 
 def attach_service(organization: Organization, product: Product, quantity: Decimal, resource: str,
@@ -64,7 +39,7 @@ def attach_service(organization: Organization, product: Product, quantity: Decim
                                    resource=resource, attached_at=now)
     db.session.add(attachment)
     db.session.flush()
-    _charge(attachment, invoice)
+    charge_attachment(attachment, invoice)
     return attachment
 
 
@@ -78,7 +53,7 @@ def detach_service(attachment: ServiceAttachment, now: datetime | None = None) -
     attachment.detached_at = max(now, attachment.attached_at)
     db.session.flush()
     if attachment.attached_at < invoice.period_end:
-        _charge(attachment, invoice)
+        charge_attachment(attachment, invoice)
     return True
 
 
@@ -91,16 +66,3 @@ def change_quantity(attachment: ServiceAttachment, quantity: Decimal,
     detach_service(attachment, now)
     return attach_service(attachment.organization, attachment.product, quantity, attachment.resource,
                           attachment.detached_at)
-
-
-def charge_services(invoice: Invoice) -> int:
-    """Charge every service attached during the invoice's period onto it (run when an
-    invoice opens). Idempotent: charges are set, not added. Returns how many changed."""
-    attachments = db.session.scalars(
-        select(ServiceAttachment).where(
-            ServiceAttachment.organization_id == invoice.organization_id,
-            ServiceAttachment.attached_at < invoice.period_end,
-            or_(ServiceAttachment.detached_at.is_(None), ServiceAttachment.detached_at > invoice.period_start),
-        )
-    )
-    return sum(_charge(attachment, invoice) for attachment in attachments)

@@ -11,7 +11,7 @@ that invoice is open; usage for a period whose invoice is already closing or
 finalized (or older than any invoice) lands on the open invoice as a line labelled
 with its original period; usage for after the open invoice's period (the cycle has
 ended but not yet rolled over) is stored unpriced and priced onto the next invoice
-when it opens (`price_pending_usage`).
+when it opens (`placement.price_pending_usage`).
 """
 from __future__ import annotations
 
@@ -22,13 +22,13 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 
 from flask import current_app, has_app_context
-from sqlalchemy import BigInteger, String, and_, any_, bindparam, or_, select, update
+from sqlalchemy import BigInteger, String, and_, any_, bindparam, or_, select
 from sqlalchemy.dialects import postgresql
 
 from portal import money
 from portal.billing import bulk
-from portal.billing.cycles import cycle_containing
 from portal.billing.invoices import ensure_open_invoice
+from portal.billing.placement import Placement, place_usage
 from portal.billing.pricing import InvoiceNoLongerOpen, ItemDelta, add_quantities, line_key
 from portal.extensions import db
 from portal.models import Invoice, Organization, Product, UsageEvent
@@ -276,7 +276,7 @@ def ingest_usage(sender: str, events: object, now: datetime | None = None) -> In
     item_of: dict[str, tuple | None] = {}
     rows = []
     for event in unique.values():
-        invoice_id, origin = _place(placements[event.organization.id], event.occurred_at)
+        invoice_id, origin = place_usage(placements[event.organization.id], event.occurred_at)
         item_of[event.event_id] = (
             None if invoice_id is None else (invoice_id, event.product, event.resource, origin))
         rows.append(
@@ -347,24 +347,8 @@ def _refuse_conflicting_resends(sender: str, resent: list[_Event]) -> None:
         raise EventConflict(conflicts)
 
 
-@dataclass
-class _Placement:
-    """An organization's open invoice (id and period), its billing anchor, and the
-    periods of its other invoices that could hold the batch's timestamps."""
-
-    open_id: int
-    open_start: datetime
-    open_end: datetime
-    anchor_day: int
-    closed: list[tuple[datetime, datetime]] = field(default_factory=list)
-
-    @classmethod
-    def of(cls, invoice: Invoice, anchor_day: int) -> _Placement:
-        return cls(invoice.id, invoice.period_start, invoice.period_end, anchor_day)
-
-
 def _placements(organizations: dict[int, _Org], earliest: datetime, latest: datetime,
-                now: datetime) -> dict[int, _Placement]:
+                now: datetime) -> dict[int, Placement]:
     """Each organization's open invoice (opened if missing) and those of its other
     invoices whose period overlaps [earliest, latest]: only these can hold one of the
     batch's timestamps, so the read stays small however long the history grows."""
@@ -376,11 +360,11 @@ def _placements(organizations: dict[int, _Org], earliest: datetime, latest: date
         )
         .order_by(Invoice.id)
     ).all()
-    placements: dict[int, _Placement] = {}
+    placements: dict[int, Placement] = {}
     closed = defaultdict(list)
     for row in rows:
         if row.status == "open":
-            placements[row.organization_id] = _Placement(
+            placements[row.organization_id] = Placement(
                 row.id, row.period_start, row.period_end, organizations[row.organization_id].cycle_anchor_day)
         else:
             closed[row.organization_id].append((row.period_start, row.period_end))
@@ -388,12 +372,12 @@ def _placements(organizations: dict[int, _Org], earliest: datetime, latest: date
         placement = placements.get(organization_id)
         if placement is None:
             invoice = ensure_open_invoice(db.session.get(Organization, organization_id), now)
-            placement = placements[organization_id] = _Placement.of(invoice, organization.cycle_anchor_day)
+            placement = placements[organization_id] = Placement.of(invoice, organization.cycle_anchor_day)
         placement.closed = closed[organization_id]
     return placements
 
 
-def _hold_open(placements: dict[int, _Placement], organization_ids: set[int]) -> None:
+def _hold_open(placements: dict[int, Placement], organization_ids: set[int]) -> None:
     """Usage for after the open invoice's period is left for the next invoice to
     price when it opens. Lock the open invoices it waits behind until this
     transaction commits, so a close cannot open the next invoice in between (and
@@ -405,46 +389,3 @@ def _hold_open(placements: dict[int, _Placement], organization_ids: set[int]) ->
     ))
     if still_open != set(ids):
         raise InvoiceNoLongerOpen(sorted(set(ids) - still_open))
-
-
-def _place(placement: _Placement, at: datetime) -> tuple[int | None, tuple | None]:
-    """(id of the invoice to price onto, origin period for a late line), or (None, None)
-    for usage after the open invoice's period, priced when the next invoice opens."""
-    if placement.open_start <= at < placement.open_end:
-        return placement.open_id, None
-    if at >= placement.open_end:
-        return None, None
-    for start, end in placement.closed:
-        if start <= at < end:
-            return placement.open_id, (start, end)
-    start, end = cycle_containing(at, placement.anchor_day)
-    return placement.open_id, (start, min(end, placement.open_start))
-
-
-def price_pending_usage(invoice: Invoice) -> int:
-    """Price the organization's stored-but-unpriced usage onto `invoice` (its newly
-    open invoice). Returns the number of events priced. Idempotent: each event is
-    claimed for the invoice by a conditional update before it is priced."""
-    pending = db.session.execute(
-        update(UsageEvent)
-        .where(
-            UsageEvent.organization_id == invoice.organization_id,
-            UsageEvent.invoice_id.is_(None),
-            UsageEvent.occurred_at < invoice.period_end,
-        )
-        .values(invoice_id=invoice.id)
-        .returning(UsageEvent.product_id, UsageEvent.resource, UsageEvent.quantity, UsageEvent.occurred_at)
-        .execution_options(synchronize_session=False)
-    ).all()
-    if not pending:
-        return 0
-    placement = _Placement.of(invoice, invoice.organization.cycle_anchor_day)
-    products = {p.id: p for p in db.session.scalars(select(Product).where(
-        Product.id.in_({row.product_id for row in pending})))}
-    deltas: dict[tuple, Decimal] = defaultdict(Decimal)
-    for row in pending:
-        _, origin = _place(placement, row.occurred_at)
-        deltas[(row.product_id, row.resource, origin)] += row.quantity
-    add_quantities([ItemDelta(invoice.id, products[product_id], resource, quantity, origin)
-                    for (product_id, resource, origin), quantity in deltas.items()])
-    return len(pending)

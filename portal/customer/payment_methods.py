@@ -27,8 +27,11 @@ class PaymentPortalUnavailable(Exception):
     """The portal session cannot be opened now; the message is for the customer."""
 
 
-def payment_portal_url(organization: Organization, return_url: str) -> str:
-    """A Stripe customer-portal session URL for the organization's Stripe customer."""
+def payment_portal_url(organization: Organization, return_url: str, _recovered: bool = False) -> str:
+    """A Stripe customer-portal session URL for the organization's Stripe customer.
+    When Stripe no longer has that customer (deleted in the Dashboard, or a Stripe
+    that lost its objects), a sync of the open invoice creates it again, as the
+    periodic sync would, and the session is asked for once more."""
     if not organization.stripe_customer_id:
         raise PaymentPortalUnavailable(
             "Payment methods can be managed once your billing account exists at Stripe; "
@@ -44,6 +47,8 @@ def payment_portal_url(organization: Organization, return_url: str) -> str:
         ) from None
     except (StripeRejected, StripeObjectMissing) as refused:
         if isinstance(refused, StripeObjectMissing) and "configuration" not in str(refused):
+            if not _recovered and _create_customer_again(organization):
+                return payment_portal_url(organization, return_url, _recovered=True)
             raise PaymentPortalUnavailable(  # the customer itself is being set up again
                 "Stripe could not open the payment methods page just now. Please try again in a minute."
             ) from None
@@ -63,3 +68,20 @@ def payment_portal_url(organization: Organization, return_url: str) -> str:
             "Stripe could not open the payment methods page just now. Please try again in a minute."
         ) from None
     return session.url
+
+
+def _create_customer_again(organization: Organization) -> bool:
+    """Sync the organization's open invoice now: the sync finds the Stripe customer
+    gone and creates it (and the draft) again. True if the organization then has
+    another Stripe customer to open the portal for."""
+    from portal.billing.invoices import open_invoice
+    from portal.billing.sync import sync_invoice
+
+    lost = organization.stripe_customer_id
+    invoice = open_invoice(organization)
+    db.session.commit()
+    if invoice is None:
+        return False
+    sync_invoice(invoice.id, trigger="manual")
+    db.session.refresh(organization)
+    return bool(organization.stripe_customer_id) and organization.stripe_customer_id != lost

@@ -1,6 +1,7 @@
-"""Fixtures for the Stripe emulator's tests (self-sufficient; no portal fixtures).
+"""Fixtures for the Stripe emulator's tests (no portal fixtures beyond the emulator).
 
-One emulator subprocess serves the whole session; every test starts from a reset
+The emulator subprocess is the session's one (`stripe_emulator_process` in
+tests/conftest.py), shared with the portal's tests; every test starts from a reset
 emulator. Tests talk to it only through the real ``stripe`` library over HTTP and the
 control API.
 """
@@ -17,14 +18,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from emulator_helpers import WEBHOOK_SECRET, Receiver  # noqa: E402
 
-from stripe_emulator.process import start_emulator  # noqa: E402
-
 
 @pytest.fixture(scope="session")
-def emulator():
-    emu = start_emulator()
-    yield emu
-    emu.stop()
+def emulator(stripe_emulator_process):
+    return stripe_emulator_process
 
 
 @pytest.fixture

@@ -14,7 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-FIXTURES = "/work/shared/stripe/fixtures3.json"
+# Stripe's example objects (fixtures3.json of github.com/stripe/openapi, MIT: see fixtures/).
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "stripe-fixtures3.json")
 WEBHOOK_SECRET = "whsec_test_emulator_secret"
 
 
