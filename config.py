@@ -66,6 +66,10 @@ class Config:
     PORTAL_API_TOKENS = _list("PORTAL_API_TOKENS")
     SYNC_INTERVAL_SECONDS = _int("SYNC_INTERVAL_SECONDS", 60)
     CLOSE_INTERVAL_SECONDS = _int("CLOSE_INTERVAL_SECONDS", 300)
+    # The drift sweep compares this many open invoices with Stripe per run (reads only,
+    # about two each), going round all of them in turn.
+    DRIFT_SWEEP_INTERVAL_SECONDS = _int("DRIFT_SWEEP_INTERVAL_SECONDS", 300)
+    DRIFT_SWEEP_BATCH = _int("DRIFT_SWEEP_BATCH", 20)
     # Stripe counts reads and writes together: about 25 a second in test mode, 100 in
     # live mode. STRIPE_MAX_WRITES_PER_SECOND is the older name of the same budget.
     STRIPE_MAX_REQUESTS_PER_SECOND = _int("STRIPE_MAX_REQUESTS_PER_SECOND",

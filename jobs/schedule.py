@@ -33,6 +33,9 @@ def periodic_job_definitions(config) -> list[PeriodicJob]:
         # Events whose job was lost (a worker killed, Redis restarted) wait for this.
         PeriodicJob("sweep-stored-events", "jobs.webhooks.sweep_stored_events",
                     min(60, config["SYNC_INTERVAL_SECONDS"])),
+        # Reads Stripe: a bounded batch per run, from the shared request budget.
+        PeriodicJob("sweep-drift", "jobs.drift.sweep_drift", config["DRIFT_SWEEP_INTERVAL_SECONDS"],
+                    timeout_seconds=max(120, 6 * config["DRIFT_SWEEP_BATCH"])),
     ]
 
 
