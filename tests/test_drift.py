@@ -205,3 +205,19 @@ def test_the_sweep_job_runs_in_a_worker(db, app, stripe_emulator, synced):
     SimpleWorker([queue], connection=redis_connection()).work(burst=True)
     assert job.get_status() == "finished" and job.return_value()["clean"] == 1
     assert db.session.scalar(select(DriftCheck.source)) == "sweep"
+
+
+def test_the_sweep_spends_its_reads_from_the_shared_request_budget(db, app, make, monkeypatch, stripe_emulator,
+                                                                   synced):
+    import time
+
+    for n in range(2):
+        invoice = make.open_invoice(make.organization(slug=f"org-b{n}"))
+        add_quantity(invoice, synced.items[0].product, "", Decimal(1))
+        db.session.commit()
+        assert sync_invoice(invoice.id).outcome == "synced"
+    monkeypatch.setitem(app.config, "STRIPE_MAX_REQUESTS_PER_SECOND", 10)
+    started = time.monotonic()
+    assert sweep_drift(batch=3) == {"visited": 3, "skipped": 0, "clean": 3}
+    # Six reads spaced a tenth of a second (and a little) apart: five waits at least.
+    assert time.monotonic() - started >= 0.5

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlalchemy import and_, func, or_, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import selectinload
 
 from portal.billing.lines import StripeLine, stripe_lines
@@ -215,21 +216,26 @@ def record_check(comparison: Comparison, source: str) -> DriftCheck | None:
     a `busy` comparison found nothing and replaces nothing. The caller commits."""
     if comparison.outcome == "busy":
         return None
-    check = db.session.scalar(select(DriftCheck).where(DriftCheck.invoice_id == comparison.invoice_id)
-                              .with_for_update())
+    values = {
+        "checked_at": utcnow(), "source": source, "outcome": comparison.outcome,
+        "stripe_invoice_id": comparison.stripe_invoice_id,
+        "missing": comparison.count("missing"), "extra": comparison.count("extra"),
+        "different": comparison.count("different"), "by_hand": comparison.count("by_hand"),
+        "portal_total_cents": comparison.portal_total_cents, "stripe_total_cents": comparison.stripe_total_cents,
+        "details": [difference.as_dict() for difference in comparison.differences], "error": comparison.error,
+    }
+    latest = select(DriftCheck).where(DriftCheck.invoice_id == comparison.invoice_id).with_for_update()
+    check = db.session.scalar(latest)
     if check is None:
-        check = DriftCheck(invoice_id=comparison.invoice_id)
-        db.session.add(check)
-    check.checked_at = utcnow()
-    check.source = source
-    check.outcome = comparison.outcome
-    check.stripe_invoice_id = comparison.stripe_invoice_id
-    check.missing, check.extra = comparison.count("missing"), comparison.count("extra")
-    check.different, check.by_hand = comparison.count("different"), comparison.count("by_hand")
-    check.portal_total_cents = comparison.portal_total_cents
-    check.stripe_total_cents = comparison.stripe_total_cents
-    check.details = [difference.as_dict() for difference in comparison.differences]
-    check.error = comparison.error
+        try:
+            with db.session.begin_nested():  # a check of the same invoice may insert first
+                check = DriftCheck(invoice_id=comparison.invoice_id, **values)
+                db.session.add(check)
+            return check
+        except IntegrityError:
+            check = db.session.scalar(latest)
+    for name, value in values.items():
+        setattr(check, name, value)
     return check
 
 
