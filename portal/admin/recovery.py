@@ -390,9 +390,16 @@ def stuck_invoices(organization: Organization | None = None, now: datetime | Non
     return stuck
 
 
+# A stored event not processed this long after it arrived has lost its job and the
+# sweep's too (the sweep runs every minute).
+EVENT_OVERDUE = timedelta(minutes=10)
+
+
 def failed_events(limit: int = 200) -> list[StripeEvent]:
-    """Stored Stripe events whose processing failed at least once and has not succeeded."""
-    return [event for event in queries.failed_stripe_events(limit) if event.attempts > 0]
+    """Stored Stripe events whose processing failed, or that are still unprocessed long
+    after they arrived."""
+    overdue = utcnow() - EVENT_OVERDUE
+    return [event for event in queries.failed_stripe_events(limit) if event.attempts > 0 or event.received_at < overdue]
 
 
 # --- pages -------------------------------------------------------------------------------------
