@@ -286,3 +286,14 @@ def test_customers_cannot_reach_recovery_or_drift(db, client, auth, make, due):
                  f"/admin/invoices/{due.id}/drift/repair"):
         assert client.post(path, data={"reason": "x"}).status_code == 403, path
     assert audit(db) == [] and all(Queue(n, connection=redis_connection()).count == 0 for n in QUEUE_NAMES)
+
+
+def test_an_event_left_unprocessed_long_after_it_arrived_is_listed(db, support, due):
+    from portal.models.types import utcnow
+
+    for event_id, minutes in (("evt_lost", 20), ("evt_recent", 1)):
+        db.session.add(StripeEvent(stripe_event_id=event_id, type="invoice.paid", stripe_created=1, payload={},
+                                   attempts=0, received_at=utcnow() - timedelta(minutes=minutes)))
+    db.session.commit()
+    events = support.get("/admin/recovery").get_data(as_text=True).split('id="failed-events"')[1]
+    assert "evt_lost" in events and "evt_recent" not in events
