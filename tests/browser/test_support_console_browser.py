@@ -60,12 +60,14 @@ def sign_in(page, url: str) -> None:
 def test_support_compares_a_draft_edited_at_stripe_repairs_it_and_compares_clean(
         db, app, live_server, stripe_emulator, acme, tmp_path):
     edit_at_stripe(stripe_emulator, acme)
+    invoice_id, stripe_id = acme.id, acme.stripe_invoice_id
+    db.session.commit()  # hold no transaction (on SQLite, the write lock) while gunicorn serves
     with chromium_page() as page:
         sign_in(page, live_server.url)
         page.goto(f"{live_server.url}/admin/")
         page.get_by_role("link", name="Acme").click()
         page.locator("#open-invoice").get_by_role("link", name="Compare with Stripe").click()
-        page.wait_for_url(f"{live_server.url}/admin/invoices/{acme.id}/drift")
+        page.wait_for_url(f"{live_server.url}/admin/invoices/{invoice_id}/drift")
         page.get_by_role("button", name="Compare with Stripe").click()
         page.wait_for_selector("#drift-outcome:has-text('3 line(s) differ')")
         lines = page.locator("table.drift-lines tbody tr")
@@ -83,21 +85,21 @@ def test_support_compares_a_draft_edited_at_stripe_repairs_it_and_compares_clean
         assert page.get_by_role("button", name="Repair").count() == 0
         page.screenshot(path=str(tmp_path / "drift-repaired.png"), full_page=True)
     # Stripe holds the portal's lines and the fee added by hand, which the repair kept.
-    stripe_total = stripe_client(stripe_emulator).v1.invoices.retrieve(acme.stripe_invoice_id).total
-    assert stripe_total == db.session.get(Invoice, acme.id).total_cents + 5000
+    stripe_total = stripe_client(stripe_emulator).v1.invoices.retrieve(stripe_id).total
+    assert stripe_total == db.session.get(Invoice, invoice_id).total_cents + 5000
 
 
 def test_support_recovers_an_invoice_whose_draft_was_deleted_at_stripe_to_billed(
         db, app, live_server, stripe_emulator, acme, tmp_path):
-    old_draft = acme.stripe_invoice_id
-    assert claim_for_closing(acme.id)  # the close began, and its job was lost
+    old_draft, invoice_id = acme.stripe_invoice_id, acme.id
+    assert claim_for_closing(invoice_id)  # the close began, and its job was lost
     stripe_client(stripe_emulator).v1.invoices.delete(old_draft)
-    db.session.commit()
+    db.session.commit()  # hold no transaction (on SQLite, the write lock) while gunicorn serves
     with chromium_page() as page:
         sign_in(page, live_server.url)
         page.goto(f"{live_server.url}/admin/orgs/acme")
         page.get_by_role("link", name="Recovery").click()
-        stuck = page.locator(f"#stuck-{acme.id}")
+        stuck = page.locator(f"#stuck-{invoice_id}")
         assert "closing, not finalized yet" in stuck.inner_text()
         stuck.get_by_role("link", name="Compare with Stripe").click()
         page.get_by_role("button", name="Compare with Stripe").click()
@@ -105,7 +107,7 @@ def test_support_recovers_an_invoice_whose_draft_was_deleted_at_stripe_to_billed
         page.screenshot(path=str(tmp_path / "draft-missing.png"), full_page=True)
 
         page.locator("#drift-problem").get_by_role("link", name="Recreate the Stripe draft").click()
-        page.wait_for_url(f"{live_server.url}/admin/recovery/invoices/{acme.id}/recreate-draft")
+        page.wait_for_url(f"{live_server.url}/admin/recovery/invoices/{invoice_id}/recreate-draft")
         assert "Recreate the Stripe draft?" in page.locator("#confirm-recovery h1").inner_text()
         page.get_by_role("button", name="Recreate the Stripe draft").click()  # no reason: refused
         assert page.locator("#reason:invalid").count() == 1  # the browser asks for it first
@@ -115,9 +117,9 @@ def test_support_recovers_an_invoice_whose_draft_was_deleted_at_stripe_to_billed
         page.wait_for_selector(".flash.success:has-text('Recreate the Stripe draft')")
         run_jobs(app, db)
         page.goto(f"{live_server.url}/admin/orgs/acme")
-        row = page.locator("#invoices tbody tr").filter(has=page.get_by_role("link", name=str(acme.id), exact=True))
+        row = page.locator("#invoices tbody tr").filter(has=page.get_by_role("link", name=str(invoice_id), exact=True))
         assert "finalized" in row.inner_text() or "paid" in row.inner_text()
         page.screenshot(path=str(tmp_path / "recovered-billed.png"), full_page=True)
-    invoice = db.session.scalar(select(Invoice).where(Invoice.id == acme.id))
+    invoice = db.session.scalar(select(Invoice).where(Invoice.id == invoice_id))
     assert invoice.status in ("finalized", "paid") and invoice.stripe_invoice_id != old_draft and invoice.number
-    assert_stripe_matches_portal(db, stripe_emulator, acme.id)
+    assert_stripe_matches_portal(db, stripe_emulator, invoice_id)
