@@ -101,6 +101,7 @@ def test_support_recovers_an_invoice_whose_draft_was_deleted_at_stripe_to_billed
         page.get_by_role("link", name="Recovery").click()
         stuck = page.locator(f"#stuck-{invoice_id}")
         assert "closing, not finalized yet" in stuck.inner_text()
+        page.screenshot(path=str(tmp_path / "recovery-list.png"), full_page=True)
         stuck.get_by_role("link", name="Compare with Stripe").click()
         page.get_by_role("button", name="Compare with Stripe").click()
         page.wait_for_selector(f"#drift-problem:has-text('Stripe has no invoice {old_draft} (deleted)')")
