@@ -177,7 +177,10 @@ def test_a_close_that_failed_on_unknown_outcomes_is_retried_or_its_job_requeued(
     if how == "retry-close":
         recover(support, f"/admin/recovery/invoices/{due.id}/retry-close", "Retry the close")
     else:
-        recover(support, f"/admin/recovery/jobs/default/portal-close-{due.id}/requeue", "Requeue the failed job")
+        path = f"/admin/recovery/jobs/default/portal-close-{due.id}/requeue"
+        recover(support, path, "Requeue the failed job")
+        # A second click (another tab, a colleague) finds the job no longer failed.
+        assert support.post(path, data={"reason": "again"}).status_code == 404
     run_jobs(app, db)
     assert_billed(db, stripe_emulator, due.id)
     assert len(fresh(db, due.id).items) == 2

@@ -35,7 +35,7 @@ from datetime import datetime, timedelta
 from flask import abort, flash, redirect, render_template, request, url_for
 from flask_login import current_user
 from redis.exceptions import RedisError
-from rq.exceptions import NoSuchJobError
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry
 from sqlalchemy import select
@@ -149,7 +149,7 @@ def _commit_then_enqueue(entry: AuditEntry, done: str, enqueues: list[Callable[[
     result = RecoveryResult(entry, done)
     try:
         result.jobs = [enqueue() for enqueue in enqueues]
-    except RedisError as error:
+    except (RedisError, InvalidJobOperation, NoSuchJobError) as error:  # Redis down; a job requeued meanwhile
         result.enqueue_error = f"{type(error).__name__}: {error}"
     entry.details = {**entry.details, "jobs": result.jobs, "enqueue_error": result.enqueue_error}
     db.session.commit()
