@@ -69,6 +69,10 @@ class Config:
     # Each Stripe write attempt is recorded (`stripe_writes`) for support and for the
     # hold-off of unanswered writes (seconds); records older than this are deleted.
     STRIPE_WRITES_KEEP_DAYS = _int("STRIPE_WRITES_KEEP_DAYS", 90)
+    # The drift sweep compares this many open invoices with Stripe per run (reads only,
+    # about two each), going round all of them in turn.
+    DRIFT_SWEEP_INTERVAL_SECONDS = _int("DRIFT_SWEEP_INTERVAL_SECONDS", 300)
+    DRIFT_SWEEP_BATCH = _int("DRIFT_SWEEP_BATCH", 20)
     # Stripe counts reads and writes together: about 25 a second in test mode, 100 in
     # live mode. STRIPE_MAX_WRITES_PER_SECOND is the older name of the same budget.
     STRIPE_MAX_REQUESTS_PER_SECOND = _int("STRIPE_MAX_REQUESTS_PER_SECOND",

@@ -35,6 +35,9 @@ def periodic_job_definitions(config) -> list[PeriodicJob]:
                     min(60, config["SYNC_INTERVAL_SECONDS"])),
         PeriodicJob("prune-stripe-writes", "jobs.housekeeping.prune_stripe_writes", 3600, queue="default",
                     timeout_seconds=600),
+        # Reads Stripe: a bounded batch per run, from the shared request budget.
+        PeriodicJob("sweep-drift", "jobs.drift.sweep_drift", config["DRIFT_SWEEP_INTERVAL_SECONDS"],
+                    timeout_seconds=max(120, 6 * config["DRIFT_SWEEP_BATCH"])),
     ]
 
 

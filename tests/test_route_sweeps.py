@@ -54,6 +54,8 @@ def two_orgs(db, make):
     make.user("sam@example.com", support=True)
     values = {"own": {"slug": acme.slug, "invoice_id": mine.id}, "other": {"slug": globex.slug,
                                                                          "invoice_id": theirs.id}}
+    # Support's recovery routes name a recovery, a stored Stripe event and a failed job.
+    values["own"].update(name="retry-close", event_id=1, queue_name="default", job_id=f"portal-close-{mine.id}")
     db.session.rollback()
     return values
 

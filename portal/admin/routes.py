@@ -115,3 +115,7 @@ def add_credit(slug: str):
         amount = format_money(result.audit.details["amount_cents"], organization.currency)
         _report(result, f"Credit of {amount} added to invoice #{result.audit.object_id}")
     return redirect(url_for("admin.organization", slug=organization.slug))
+
+
+# Pages kept in modules of their own, on this blueprint.
+from portal.admin import drift, recovery  # noqa: E402,F401

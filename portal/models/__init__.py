@@ -8,12 +8,15 @@ from portal.models.billing import (
     SyncRun,
 )
 from portal.models.catalog import Product
+from portal.models.drift import DriftCheck, DriftSweepCursor
 from portal.models.stripe_events import StripeEvent, StripeWrite
 from portal.models.usage import ServiceAttachment, UsageEvent
 
 __all__ = [
     "INVOICE_STATUSES",
     "AuditEntry",
+    "DriftCheck",
+    "DriftSweepCursor",
     "Invoice",
     "InvoiceItem",
     "Membership",
