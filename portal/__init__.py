@@ -52,6 +52,9 @@ def create_app(config: object | None = None) -> Flask:
     app.register_blueprint(auth_bp)
     app.register_blueprint(customer_bp)
     app.register_blueprint(admin_bp, url_prefix="/admin")
+    from portal.admin.jobs_dashboard import register_jobs_dashboard
+
+    register_jobs_dashboard(app)
     app.register_blueprint(api_bp, url_prefix="/api/v1")
     app.register_blueprint(health_bp)
     app.register_blueprint(webhooks_bp)
