@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 from rq import Queue, SimpleWorker
 from rq.registry import FailedJobRegistry
+from sqlalchemy import func, select
 
 from jobs.app import use_app
+from portal.models import AuditEntry
 from portal.queue import redis_connection
 
 PAGES = ("/admin/jobs/", "/admin/jobs/0/view/jobs", "/admin/jobs/0/view/workers", "/admin/jobs/0/data/queues.json",
@@ -74,7 +76,7 @@ def test_its_pages_refuse_inline_scripts_and_carry_the_csrf_cookie(client, auth,
     assert "unsafe-eval" not in client.get("/admin/").headers["Content-Security-Policy"]
 
 
-def test_a_post_without_the_sessions_csrf_token_is_refused(app, client, auth, people, failed_job, monkeypatch):
+def test_a_post_without_the_sessions_csrf_token_is_refused(app, db, client, auth, people, failed_job, monkeypatch):
     auth.login("staff@example.com")  # signed in while CSRF is off (the test config), then turn it on
     monkeypatch.setitem(app.config, "WTF_CSRF_ENABLED", True)
     client.get("/admin/jobs/0/view/jobs/webhooks/failed/8/asc/1")
@@ -87,14 +89,27 @@ def test_a_post_without_the_sessions_csrf_token_is_refused(app, client, auth, pe
     assert response.status_code == 200 and response.get_json() == {"status": "OK"}
     assert _failed_ids() == []
     assert Queue("webhooks", connection=redis_connection()).job_ids == [failed_job]
+    entry = db.session.scalar(select(AuditEntry))
+    assert (entry.actor, entry.action, entry.object_type, entry.object_id) == (
+        "staff@example.com", "jobs.requeue_job", "job", failed_job)
 
 
-def test_requeue_all_by_get_changes_nothing(client, auth, people, failed_job):
+def test_requeue_all_by_get_changes_nothing(client, auth, db, people, failed_job):
     auth.login("staff@example.com")
     assert client.get("/admin/jobs/requeue/webhooks").status_code == 405
     assert _failed_ids() == [failed_job]
     assert client.post("/admin/jobs/requeue/webhooks").get_json() == {"status": "OK", "count": 1}
     assert _failed_ids() == []
+    entry = db.session.scalar(select(AuditEntry))
+    assert (entry.action, entry.object_id, entry.details["count"]) == ("jobs.requeue_all", "webhooks", 1)
+
+
+def test_delete_and_empty_are_off_and_audit_nothing(client, auth, db, people, failed_job):
+    auth.login("staff@example.com")
+    assert client.post(f"/admin/jobs/job/{failed_job}/delete").get_json() == {"status": "DISABLED"}
+    assert client.post("/admin/jobs/queue/webhooks/failed/empty").get_json() == {"status": "DISABLED"}
+    assert _failed_ids() == [failed_job]
+    assert db.session.scalar(select(func.count()).select_from(AuditEntry)) == 0
 
 
 def test_the_script_renders_only_for_real_queues_and_jobs(client, auth, people, failed_job):

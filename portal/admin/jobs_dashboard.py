@@ -18,6 +18,8 @@ How it is held to the portal's rules:
   the CSP of /admin/jobs adds only `'unsafe-eval'` to `script-src`; inline scripts
   and styles stay forbidden (`static/jobs-dashboard.css` replaces its inline styles).
 - Redis: the portal's REDIS_URL.
+- Actions: requeue (one job, or a queue's failed jobs) and compact, each written to
+  the audit log; delete and empty are off (RQ_DASHBOARD_DISABLE_DELETE).
 """
 from __future__ import annotations
 
@@ -50,7 +52,10 @@ def register_jobs_dashboard(app: Flask) -> None:
     setup_rq_connection(app)
     app.register_blueprint(dashboard, url_prefix=URL_PREFIX)
     app.register_blueprint(scripts, url_prefix=URL_PREFIX + "/_portal")
+    # Its delete and empty buttons destroy what a sweep may need to see; requeue stays.
+    app.config.setdefault("RQ_DASHBOARD_DISABLE_DELETE", True)
     app.before_request(_support_only)
+    app.after_request(_audit_action)
     app.after_request(_dashboard_headers)
 
 
@@ -92,6 +97,28 @@ def _check_parameters(values: dict) -> None:
     job_id = values.get("job_id")
     if job_id is not None and not (_JOB_ID.match(job_id) and Job.exists(job_id, connection=redis_connection())):
         abort(404)
+
+
+def _audit_action(response: Response) -> Response:
+    """Every action taken in the dashboard (requeue, requeue all, compact, and delete
+    or empty where enabled) is an audit entry: who, what, which job or queue."""
+    if request.blueprint != "rq_dashboard" or request.method != "POST" or response.status_code != 200:
+        return response
+    answer = response.get_json(silent=True) or {}
+    if answer.get("status") != "OK":
+        return response  # refused (DISABLED) or nothing done
+    from portal.admin.actions import record
+    from portal.extensions import db
+
+    values = request.view_args or {}
+    action = request.endpoint.removeprefix("rq_dashboard.").removesuffix("_view")
+    if "job_id" in values:
+        record(current_user, f"jobs.{action}", "job", values["job_id"])
+    else:
+        record(current_user, f"jobs.{action}", "queue", values.get("queue_name", ""),
+               registry=values.get("registry_name"), count=answer.get("count"))
+    db.session.commit()
+    return response
 
 
 def _dashboard_headers(response: Response) -> Response:
