@@ -112,6 +112,20 @@ class Config:
     ARGON2_TIME_COST = _int("ARGON2_TIME_COST", 3)
     ARGON2_MEMORY_COST = _int("ARGON2_MEMORY_COST", 64 * 1024)  # KiB
     ARGON2_PARALLELISM = _int("ARGON2_PARALLELISM", 4)
+    # `GET /metrics` (Prometheus text format) answers a request that carries
+    # `Authorization: Bearer <METRICS_TOKEN>` (when set), or one that comes straight
+    # (no X-Forwarded-For/Forwarded unless TRUSTED_PROXY_COUNT is set) from an
+    # address in METRICS_ALLOW_NETWORKS (comma-separated CIDRs; default loopback;
+    # "none": no network, the token only). A signed-in customer is refused (403).
+    METRICS_TOKEN = os.environ.get("METRICS_TOKEN") or None
+    METRICS_ALLOW_NETWORKS = _list("METRICS_ALLOW_NETWORKS") or ["127.0.0.0/8", "::1/128"]
+    # Several processes (gunicorn workers, RQ workers) count into files in this
+    # directory, which /metrics adds up (prometheus_client's multi-process mode; the
+    # library reads the variable itself when it is imported). It must be empty when
+    # they start: the run command clears its *.db files first. Unset: each process
+    # counts in memory, and /metrics shows only the answering process's counters
+    # (the gauges, read from the database and Redis at each scrape, are right either way).
+    PROMETHEUS_MULTIPROC_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
 class TestConfig(Config):

@@ -16,7 +16,8 @@ in the instance folder), REDIS_URL (default: start the Redis server that the
 emulator and bill against it), STRIPE_EMULATOR_PORT (default 12111: the emulator's
 port, the same every run so hosted invoice links keep working), SECRET_KEY (default:
 generated once and kept in the instance folder), PORTAL_API_TOKENS, SYNC_INTERVAL_SECONDS
-(default 15 here), PORTAL_INSTANCE_DIR (default ./instance).
+(default 15 here), PORTAL_INSTANCE_DIR (default ./instance),
+PROMETHEUS_MULTIPROC_DIR (default instance/metrics, emptied of *.db at start).
 
 The instance folder keeps what must survive a restart: the SQLite database, the
 secret key, the demo API token (`api_token`), the webhook secret, the emulator's state
@@ -219,6 +220,12 @@ def serve() -> int:
     env.setdefault("SYNC_INTERVAL_SECONDS", "15")  # the demo shows changes reaching Stripe quickly
     env.setdefault("SESSION_COOKIE_SECURE", "0")  # the demo is served over plain http on this machine
     env.setdefault("SECRET_KEY", _instance_secret(instance, "secret_key", lambda: secrets.token_hex(32)))
+    # Every process counts its metrics into files here; /metrics adds them up. Files
+    # left by an earlier run would be added too: start from none.
+    metrics_dir = Path(env.setdefault("PROMETHEUS_MULTIPROC_DIR", str(instance / "metrics")))
+    metrics_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for stale in metrics_dir.glob("*.db"):
+        stale.unlink()
     demo_token = None
     if not env.get("PORTAL_API_TOKENS"):
         demo_token = _instance_secret(instance, "api_token", lambda: secrets.token_urlsafe(24))

@@ -45,14 +45,21 @@ def create_app(config: object | None = None) -> Flask:
     from portal.auth import bp as auth_bp
     from portal.customer import bp as customer_bp
     from portal.health import bp as health_bp
+    from portal.metrics import bp as metrics_bp
+    from portal.metrics import init_metrics
     from portal.webhooks import bp as webhooks_bp
 
     app.register_blueprint(auth_bp)
     app.register_blueprint(customer_bp)
     app.register_blueprint(admin_bp, url_prefix="/admin")
+    from portal.admin.jobs_dashboard import register_jobs_dashboard
+
+    register_jobs_dashboard(app)
     app.register_blueprint(api_bp, url_prefix="/api/v1")
     app.register_blueprint(health_bp)
     app.register_blueprint(webhooks_bp)
+    app.register_blueprint(metrics_bp)
+    init_metrics(app)
     csrf.exempt(api_bp)
     csrf.exempt(webhooks_bp)
     csrf.exempt(health_bp)

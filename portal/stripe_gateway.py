@@ -37,6 +37,7 @@ from uuid import uuid4
 import stripe
 from flask import current_app
 
+from portal.metrics import record_stripe_rate_limited, record_stripe_request
 from portal.queue import redis_connection
 from portal.text import has_control_characters
 
@@ -321,10 +322,13 @@ class StripeGateway:
                 self.counts.writes += 1
             else:
                 self.counts.reads += 1
+            record_stripe_request(write)
             try:
                 return call()
             except stripe.StripeError as error:
                 _reraise_job_timeout(error)
+                if _status(error) == 429:
+                    record_stripe_rate_limited(write)
                 if write and _status(error) == 500:
                     raise OutcomeUnknown(_describe(error)) from error
                 if not _transient(error):

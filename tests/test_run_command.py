@@ -78,6 +78,18 @@ def test_run_command_serves_demo_and_ctrl_c_stops_every_child(tmp_path):
             time.sleep(0.5)
         assert len(customers) == 2, customers
         assert all(c["invoice_settings"]["default_payment_method"] for c in customers), customers
+        # The worker's syncs are counted into PROMETHEUS_MULTIPROC_DIR, which run.py
+        # emptied at start: the web's /metrics (loopback: no token) adds them up.
+        metrics_url = address.replace("/login", "/metrics")
+        synced = 0.0
+        while time.monotonic() < deadline + 90 and not synced:
+            with urllib.request.urlopen(metrics_url, timeout=5) as response:
+                text = response.read().decode()
+            synced = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                         if line.startswith('portal_sync_runs_total{outcome="synced"}'))
+            time.sleep(0.5)
+        assert synced >= 2, text
+        assert list((tmp_path / "instance" / "metrics").glob("counter_*.db"))
         spawned = _descendants(process.pid)
         assert len(spawned) >= 5  # redis, Stripe emulator, worker, scheduler, web (and their children)
         process.send_signal(signal.SIGINT)

@@ -86,18 +86,29 @@ def organization_overview(organization: Organization) -> OrganizationOverview:
         )
     )
     return OrganizationOverview(organization, invoices, open_invoice, sync_runs,
-                                stripe_events_of_customer(organization.stripe_customer_id))
+                                stripe_events_of_organization(organization.id))
 
 
-def stripe_events_of_customer(customer_id: str | None, limit: int = RECENT_STRIPE_EVENTS) -> list[StripeEvent]:
-    """The newest Stripe events about the customer (by the customer of the event's object)."""
-    if not customer_id:
-        return []
-    customer = StripeEvent.payload["data"]["object"]["customer"].as_string()
+def stripe_events_of_organization(organization_id: int, limit: int = RECENT_STRIPE_EVENTS) -> list[StripeEvent]:
+    """The newest Stripe events about the organization (its customer, its invoices),
+    by the indexed `organization_id` the event was given when stored."""
     return list(
         db.session.scalars(
             select(StripeEvent)
-            .where(customer == customer_id)
+            .where(StripeEvent.organization_id == organization_id)
+            .order_by(StripeEvent.received_at.desc(), StripeEvent.id.desc())
+            .limit(limit)
+        )
+    )
+
+
+def stripe_events_of_invoice(invoice_id: int, limit: int = RECENT_STRIPE_EVENTS) -> list[StripeEvent]:
+    """The newest Stripe events about the invoice (its Stripe draft, its lines, its
+    payment), by the indexed `invoice_id`."""
+    return list(
+        db.session.scalars(
+            select(StripeEvent)
+            .where(StripeEvent.invoice_id == invoice_id)
             .order_by(StripeEvent.received_at.desc(), StripeEvent.id.desc())
             .limit(limit)
         )

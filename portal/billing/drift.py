@@ -234,6 +234,8 @@ def record_check(comparison: Comparison, source: str) -> DriftCheck | None:
             return check
         except IntegrityError:
             check = db.session.scalar(latest)
+            if check is None:  # not the race on the invoice's row: a real error
+                raise
     for name, value in values.items():
         setattr(check, name, value)
     return check

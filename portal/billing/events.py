@@ -16,6 +16,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from portal.extensions import db
 from portal.models import Invoice, StripeEvent
+from portal.models.stripe_events import event_subjects
 from portal.models.types import utcnow
 from portal.queue import queue
 
@@ -51,10 +52,12 @@ def store_event(event: dict) -> tuple[int, bool]:
     job is spent on it."""
     insert = postgresql.insert if db.engine.dialect.name == "postgresql" else sqlite.insert
     now = utcnow()
+    organization_id, invoice_id = event_subjects(db.session.connection(), event)
     inserted = db.session.execute(
         insert(StripeEvent)
         .values(stripe_event_id=event["id"], type=event["type"], stripe_created=event["created"], payload=event,
-                received_at=now, attempts=0, processed_at=None if has_handler(event["type"]) else now)
+                received_at=now, attempts=0, processed_at=None if has_handler(event["type"]) else now,
+                organization_id=organization_id, invoice_id=invoice_id)
         .on_conflict_do_nothing(index_elements=["stripe_event_id"])
         .returning(StripeEvent.id)
     ).scalar()
@@ -88,8 +91,22 @@ def process_event(row_id: int) -> str:
         raise
     db.session.execute(update(StripeEvent).where(StripeEvent.id == row_id, StripeEvent.processed_at.is_(None))
                        .values(processed_at=utcnow(), attempts=StripeEvent.attempts + 1, last_error=None))
+    _fill_subjects(row_id, payload)
     db.session.commit()
     return outcome
+
+
+def _fill_subjects(row_id: int, payload: dict) -> None:
+    """Name the event's organization and invoice where storing it could not: the event
+    came before the portal knew the Stripe ids (or the handler adopted the invoice)."""
+    organization_id, invoice_id = event_subjects(db.session.connection(), payload)
+    if invoice_id is not None:
+        db.session.execute(update(StripeEvent).where(StripeEvent.id == row_id, StripeEvent.invoice_id.is_(None))
+                           .values(invoice_id=invoice_id))
+    if organization_id is not None:
+        db.session.execute(update(StripeEvent)
+                           .where(StripeEvent.id == row_id, StripeEvent.organization_id.is_(None))
+                           .values(organization_id=organization_id))
 
 
 def unprocessed_event_ids(older_than: timedelta = timedelta(seconds=10)) -> list[int]:

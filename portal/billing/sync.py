@@ -45,6 +45,7 @@ from sqlalchemy.orm import selectinload
 from portal.billing.lines import StripeLine, TooManyLines, stripe_lines
 from portal.extensions import db
 from portal.locks import DEFAULT_WAIT_SECONDS, LockLost, invoice_lock
+from portal.metrics import record_sync
 from portal.models import Invoice, InvoiceItem, Organization, StripeWrite, SyncRun
 from portal.models.types import utcnow
 from portal.stripe_gateway import (
@@ -527,6 +528,7 @@ def _finish(record: SyncRun, outcome: str, error: str | None, stripe: StripeGate
         record.stripe_reads, record.stripe_writes = stripe.counts.reads, stripe.counts.writes
     db.session.add(record)
     db.session.commit()
+    record_sync(outcome, (record.finished_at - record.started_at).total_seconds())
     return record
 
 

@@ -13,6 +13,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from portal.billing.events import enqueue_processing, has_handler, store_event
 from portal.bodies import read_body
 from portal.extensions import db
+from portal.metrics import record_webhook
 from portal.stripe_gateway import WebhookRejected, verify_webhook
 
 bp = Blueprint("webhooks", __name__)
@@ -25,14 +26,17 @@ def stripe_webhook():
     try:
         payload = read_body(MAX_WEBHOOK_BYTES)  # chunked or not: one byte over is a 413
     except RequestEntityTooLarge:
+        record_webhook("rejected")
         return jsonify({"error": "body too large"}), 413
     try:
         event = verify_webhook(payload, request.headers.get("Stripe-Signature"),
                                current_app.config["STRIPE_WEBHOOK_SECRETS"])
     except WebhookRejected as rejected:
+        record_webhook("rejected")
         return jsonify({"error": str(rejected)}), 400
     row_id, created = store_event(event)
     db.session.commit()
+    record_webhook("stored" if created else "duplicate")
     if not has_handler(event["type"]):
         return jsonify({"received": True, "duplicate": not created})  # stored; nothing to do
     try:
