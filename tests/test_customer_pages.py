@@ -104,7 +104,7 @@ def test_billing_page_lists_attached_services_but_not_detached_ones(client, auth
     db.session.commit()
     auth.login("ann@example.com")
     page = client.get(f"/orgs/{organization.slug}/billing").get_data(as_text=True)
-    services = page.split('id="services"')[1].split("</section>")[0]
+    services = page.split('id="services"')[1].split("</table>")[0]  # the table, not the catalog
     assert "Dedicated IPv4" in services and "edge" in services
     assert "Standard support" not in services
 

@@ -114,9 +114,9 @@ def _services_remaining(invoice: Invoice, now: datetime) -> int:
     remaining = 0
     for attachment, product in attachments:
         whole = service_charge_cents(product, attachment.quantity, attachment.attached_at,
-                                     invoice.period_end, invoice, anchor_day)
+                                     invoice.period_end, invoice=invoice, anchor_day=anchor_day)
         accrued = service_charge_cents(product, attachment.quantity, attachment.attached_at,
-                                       max(now, attachment.attached_at), invoice, anchor_day)
+                                       max(now, attachment.attached_at), invoice=invoice, anchor_day=anchor_day)
         remaining += whole - accrued
     return remaining
 
