@@ -105,6 +105,15 @@ class Config:
     ARGON2_TIME_COST = _int("ARGON2_TIME_COST", 3)
     ARGON2_MEMORY_COST = _int("ARGON2_MEMORY_COST", 64 * 1024)  # KiB
     ARGON2_PARALLELISM = _int("ARGON2_PARALLELISM", 4)
+    # Mail (spend alerts). Without SMTP_HOST nothing is sent: mails wait in the outbox
+    # (the `mail_outbox` table) and go out once it is set. SMTP_PORT defaults to 25;
+    # SMTP_STARTTLS=1 upgrades the connection; SMTP_USERNAME/SMTP_PASSWORD log in.
+    SMTP_HOST = os.environ.get("SMTP_HOST") or None
+    SMTP_PORT = _int("SMTP_PORT", 25)
+    SMTP_FROM = os.environ.get("SMTP_FROM") or "billing@localhost"
+    SMTP_STARTTLS = _bool("SMTP_STARTTLS", False)
+    SMTP_USERNAME = os.environ.get("SMTP_USERNAME") or None
+    SMTP_PASSWORD = os.environ.get("SMTP_PASSWORD") or None
 
 
 class TestConfig(Config):
@@ -122,3 +131,4 @@ class TestConfig(Config):
     ARGON2_TIME_COST = 1
     ARGON2_MEMORY_COST = 8
     ARGON2_PARALLELISM = 1
+    SMTP_HOST = None  # tests that send mail start their own SMTP server
