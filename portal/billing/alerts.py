@@ -164,13 +164,25 @@ def evaluate_alerts(invoice_id: int, now: datetime | None = None) -> list[AlertC
     return recorded
 
 
-def banners(organization: Organization) -> list[Banner]:
-    """The open invoice's crossings, newest first (one query)."""
-    rows = db.session.execute(
-        select(AlertCrossing, SpendAlert, Invoice.currency)
-        .join(SpendAlert, SpendAlert.id == AlertCrossing.alert_id)
-        .join(Invoice, Invoice.id == AlertCrossing.invoice_id)
+def alerts_and_crossings(organization: Organization) -> list[tuple[SpendAlert, AlertCrossing | None, str]]:
+    """Each alert of the organization with its crossing of the open invoice (or None)
+    and the currency to say it in: one query for the page's banner and its list."""
+    open_invoice_id = (
+        select(Invoice.id)
         .where(Invoice.organization_id == organization.id, Invoice.status == "open")
-        .order_by(AlertCrossing.crossed_at.desc(), AlertCrossing.id.desc())
+        .scalar_subquery()
     )
-    return [Banner(alert, crossing, currency) for crossing, alert, currency in rows]
+    rows = db.session.execute(
+        select(SpendAlert, AlertCrossing)
+        .outerjoin(AlertCrossing, (AlertCrossing.alert_id == SpendAlert.id)
+                   & (AlertCrossing.invoice_id == open_invoice_id))
+        .where(SpendAlert.organization_id == organization.id)
+        .order_by(SpendAlert.kind, SpendAlert.threshold_cents)
+    )
+    return [(alert, crossing, organization.currency) for alert, crossing in rows]
+
+
+def banners(rows: list[tuple[SpendAlert, AlertCrossing | None, str]]) -> list[Banner]:
+    """The open invoice's crossings, newest first."""
+    crossed = [Banner(alert, crossing, currency) for alert, crossing, currency in rows if crossing is not None]
+    return sorted(crossed, key=lambda banner: (banner.crossing.crossed_at, banner.crossing.id), reverse=True)

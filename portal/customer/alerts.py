@@ -10,7 +10,15 @@ from flask_login import current_user, login_required
 from redis.exceptions import RedisError
 
 from portal import money
-from portal.billing.alerts import KIND_WORDS, AlertError, add_alert, alerts_of, banners, remove_alert, threshold_cents
+from portal.billing.alerts import (
+    KIND_WORDS,
+    AlertError,
+    add_alert,
+    alerts_and_crossings,
+    banners,
+    remove_alert,
+    threshold_cents,
+)
 from portal.billing.invoices import open_invoice
 from portal.customer.routes import _organization_or_404, _role_in, bp
 from portal.extensions import db
@@ -19,10 +27,19 @@ from portal.models import Organization
 log = logging.getLogger(__name__)
 
 
+def _alerts_of_page(organization: Organization):
+    """The organization's alerts and crossings, read once per request."""
+    cache = request.environ.setdefault("portal.spend_alerts", {})
+    if organization.id not in cache:
+        cache[organization.id] = alerts_and_crossings(organization)
+    return cache[organization.id]
+
+
 @bp.app_context_processor
 def _alerts_context():
-    # Functions, so only the page that shows alerts reads them.
-    return {"spend_alerts": alerts_of, "alert_banners": banners}
+    # Functions, so only the page that shows alerts reads them (once, for both partials).
+    return {"spend_alerts": lambda organization: [row[0] for row in _alerts_of_page(organization)],
+            "alert_banners": lambda organization: banners(_alerts_of_page(organization))}
 
 
 def _owned_organization(slug: str) -> Organization:
