@@ -171,6 +171,25 @@ def format_money(cents: int, currency: str = "usd") -> str:
     return f"{sign}{symbol}{text}" if symbol else f"{sign}{text} {currency.upper()}"
 
 
+def _in_units(exact_cents: Decimal) -> str:
+    units = _CONTEXT.divide(exact_cents, Decimal(100)).normalize(_CONTEXT)
+    text = f"{units:f}"
+    if "." not in text:
+        return text + ".00"
+    return text + "0" if len(text.split(".")[1]) < 2 else text
+
+
+def unit_price_in_units(unit_price_cents: Decimal) -> str:
+    """A decimal-cent price as plain decimal currency units, exactly: 0.0011 -> "0.000011"."""
+    return _in_units(unit_price_cents)
+
+
+def exact_price_in_units(quantity: Decimal, unit_price_cents: Decimal) -> str:
+    """quantity x unit price in currency units, exactly (unrounded: for exports; an
+    invoice rounds once per line, with `line_amount`)."""
+    return _in_units(_CONTEXT.multiply(quantity, unit_price_cents))
+
+
 def format_price(unit_price_cents: Decimal) -> str:
     """A decimal-cent price as dollars for display, without losing precision."""
     dollars = _CONTEXT.divide(unit_price_cents, Decimal(100)).normalize(_CONTEXT)

@@ -8,6 +8,7 @@ import logging
 from flask import abort, flash, redirect, request, url_for
 from flask_login import current_user, login_required
 from redis.exceptions import RedisError
+from sqlalchemy import select
 
 from portal import money
 from portal.billing.alerts import (
@@ -22,7 +23,7 @@ from portal.billing.alerts import (
 from portal.billing.invoices import open_invoice
 from portal.customer.routes import _organization_or_404, _role_in, bp
 from portal.extensions import db
-from portal.models import Organization
+from portal.models import Organization, SpendAlert
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,11 @@ def add_spend_alert(slug: str):
 @bp.post("/orgs/<slug:slug>/alerts/<dbint:alert_id>/delete")
 @login_required
 def remove_spend_alert(slug: str, alert_id: int):
-    organization = _owned_organization(slug)
+    organization = _organization_or_404(slug)
+    if db.session.scalar(select(SpendAlert.id).where(SpendAlert.id == alert_id,
+                                                     SpendAlert.organization_id == organization.id)) is None:
+        abort(404)
+    _owned_organization(slug)
     if not remove_alert(organization, alert_id):
         abort(404)
     db.session.commit()

@@ -47,10 +47,14 @@ def _service_catalog():
     return {"service_catalog": attachable_products}
 
 
-def _owned_organization(slug: str) -> Organization:
-    organization = _organization_or_404(slug)
+def _require_owner(organization: Organization) -> None:
     if _role_in(organization) != "owner":
         abort(403, "Only an owner of the organization can change its services.")
+
+
+def _owned_organization(slug: str) -> Organization:
+    organization = _organization_or_404(slug)
+    _require_owner(organization)
     return organization
 
 
@@ -141,8 +145,9 @@ def _attachment_of(organization: Organization, service_id: int) -> ServiceAttach
 @bp.get("/orgs/<slug:slug>/services/<dbint:service_id>/detach")
 @login_required
 def confirm_detach(slug: str, service_id: int):
-    organization = _owned_organization(slug)
-    attachment = _attachment_of(organization, service_id)
+    organization = _organization_or_404(slug)
+    attachment = _attachment_of(organization, service_id)  # another's: 404 before anything else
+    _require_owner(organization)
     try:
         quote = quote_detachment(attachment)
     except ServiceError as error:
@@ -156,8 +161,9 @@ def confirm_detach(slug: str, service_id: int):
 @bp.post("/orgs/<slug:slug>/services/<dbint:service_id>/detach")
 @login_required
 def detach(slug: str, service_id: int):
-    organization = _owned_organization(slug)
-    attachment = _attachment_of(organization, service_id)
+    organization = _organization_or_404(slug)
+    attachment = _attachment_of(organization, service_id)  # another's: 404 before anything else
+    _require_owner(organization)
     if not detach_service(attachment):
         flash(f"{attachment.product.name} was detached already.", "error")
         return _billing_page(organization)
