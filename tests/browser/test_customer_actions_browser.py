@@ -131,16 +131,19 @@ def test_owner_attaches_a_service_sets_an_alert_and_downloads_the_usage(
 
         # The worker carries it to Stripe (the emulator) at once.
         invoice_id = db.session.scalar(select(Invoice.id).where(Invoice.status == "open"))
+        db.session.rollback()
 
         def stripe_total():
             db.session.rollback()
             invoice = db.session.get(Invoice, invoice_id, populate_existing=True)
-            if invoice.stripe_invoice_id is None or invoice.has_unsynced_changes:
+            stripe_invoice_id, unsynced = invoice.stripe_invoice_id, invoice.has_unsynced_changes
+            db.session.rollback()  # hold no transaction (on SQLite, no write lock) while the portal works
+            if stripe_invoice_id is None or unsynced:
                 return None
             import stripe
 
             client = stripe.StripeClient(stripe_emulator.api_key, base_addresses={"api": stripe_emulator.url})
-            return client.invoices.retrieve(invoice.stripe_invoice_id).total
+            return client.invoices.retrieve(stripe_invoice_id).total
 
         assert wait_for(stripe_total, 30, "the sync after attaching", tmp_path / "worker.log") == after
 
