@@ -143,7 +143,7 @@ def test_owner_attaches_a_service_sets_an_alert_and_downloads_the_usage(
             import stripe
 
             client = stripe.StripeClient(stripe_emulator.api_key, base_addresses={"api": stripe_emulator.url})
-            return client.invoices.retrieve(stripe_invoice_id).total
+            return client.v1.invoices.retrieve(stripe_invoice_id).total
 
         assert wait_for(stripe_total, 30, "the sync after attaching", tmp_path / "worker.log") == after
 
