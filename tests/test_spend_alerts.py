@@ -294,3 +294,53 @@ def test_the_same_threshold_twice_is_refused(client, auth, db, initech):
                        follow_redirects=True).get_data(as_text=True)
     assert "There is already an alert on the total so far at $10.00." in page
     assert count(db, SpendAlert) == 1
+
+
+def test_the_next_cycle_may_cross_the_same_threshold_again(app, db, make, initech):
+    from portal.billing.invoices import ensure_open_invoice
+
+    organization, invoice, cpu = initech
+    add_alert(organization, "total", 1_000)
+    spend(db, invoice, cpu, 1_000)
+    assert len(evaluate_alerts(invoice.id)) == 1
+    invoice.status = "finalized"  # the cycle closed; the next one opens
+    db.session.commit()
+    following = ensure_open_invoice(organization, invoice.period_end + timedelta(hours=1))
+    db.session.commit()
+    assert evaluate_alerts(invoice.id) == []  # a closed invoice is not watched
+    spend(db, following, cpu, 1_500)
+    assert len(evaluate_alerts(following.id)) == 1
+    db.session.commit()
+    assert count(db, OutboxMail) == 2
+
+
+@pytest.mark.skipif(not os.environ.get("TEST_DATABASE_URL"),
+                    reason="a race between PostgreSQL transactions: SQLite lets one writer at a time")
+def test_two_drainers_at_once_send_each_mail_once(app, db, initech, smtp_server):
+    from portal.mail import deliver_outbox
+
+    for n in range(8):
+        db.session.add(OutboxMail(recipient=f"r{n}@initech.test", subject=f"mail {n}", body="hello"))
+    db.session.commit()
+    barrier = threading.Barrier(3)
+    sent, errors = [], []
+
+    def drain():
+        from portal.extensions import db as database
+
+        with app.app_context():
+            try:
+                barrier.wait(timeout=10)
+                sent.append(deliver_outbox().sent)
+            except Exception as error:  # reported below
+                errors.append(error)
+            finally:
+                database.session.remove()
+
+    threads = [threading.Thread(target=drain) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not errors and sum(sent) == 8
+    assert sorted(message["Subject"] for _, message in smtp_server.messages) == [f"mail {n}" for n in range(8)]
