@@ -180,3 +180,45 @@ def test_owner_attaches_a_service_sets_an_alert_and_downloads_the_usage(
         assert sorted(row[0] for row in rows[1:]) == ["cpu-0", "cpu-1", "cpu-big"]
         assert {row[3] for row in rows[1:]} == {"web-1", "'=cmd()"}
         page.screenshot(path=str(tmp_path / "5-export.png"), full_page=True)
+
+
+def test_error_page_and_the_owners_sections_at_phone_width(db, initech, live_server, tmp_path):
+    """The 404 page inside the layout with its way back; the services, alerts and export
+    sections and a confirmation fit a 390 px screen without scrolling sideways."""
+    from decimal import Decimal
+
+    from portal.billing.alerts import add_alert
+    from portal.billing.services import attach_service
+    from portal.models import Product
+    from tests.test_customer_pages import _past_invoice
+
+    ip = db.session.scalar(select(Product).where(Product.code == "ipv4.dedicated"))
+    attach_service(initech, ip, Decimal(1), "edge-proxy-frankfurt-1.example.internal")
+    add_alert(initech, "projection", 25_000)
+    db.session.commit()
+    _past_invoice(db, initech, 1, number="INV-2026-0042", total_cents=123_456,
+                  hosted_invoice_url="https://invoice.stripe.test/i/42", invoice_pdf="https://pay.stripe.test/42.pdf")
+    with chromium_page() as page:
+        page.set_viewport_size({"width": 390, "height": 844})
+        sign_in(page, live_server)
+        widths = page.evaluate("""() => ['services', 'alerts', 'export', 'past-invoices'].map(
+            id => [id, document.getElementById(id).scrollWidth, document.getElementById(id).clientWidth])""")
+        for section, scroll_width, client_width in widths:
+            assert scroll_width <= client_width, f"#{section} scrolls sideways: {scroll_width} > {client_width}"
+        page.screenshot(path=str(tmp_path / "phone-billing.png"), full_page=True)
+        page.get_by_role("button", name="Attach…").click()
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        page.screenshot(path=str(tmp_path / "phone-confirm.png"), full_page=True)
+
+        response = page.goto(f"{live_server.url}/orgs/initech/invoices/987654")
+        assert response.status == 404
+        assert page.get_by_role("heading", name="There is nothing at this address").is_visible()
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        page.screenshot(path=str(tmp_path / "phone-404.png"), full_page=True)
+        page.get_by_role("link", name="Back to billing").click()
+        page.wait_for_url(f"{live_server.url}/orgs/initech/billing")
+
+        page.get_by_role("button", name="Sign out").click()
+        page.wait_for_url(f"{live_server.url}/login")
+        assert page.get_by_text("You are signed out.").is_visible()
+        page.screenshot(path=str(tmp_path / "phone-signed-out.png"), full_page=True)
