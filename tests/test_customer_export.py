@@ -58,7 +58,7 @@ def test_usage_export_is_streamed_in_chunks_and_holds_every_event_of_the_period(
         chunks = [chunk for chunk in response.response if chunk]
     finally:
         event.remove(db.engine, "before_cursor_execute", watch)
-    assert len(chunks) == 3  # written out as rows arrive, not built whole
+    assert len(chunks) == 4  # the header at once, then rows as they arrive, not built whole
     assert streamed and all(streamed)  # read with yield_per (a server-side cursor on PostgreSQL)
     rows = list(csv.reader(io.StringIO(b"".join(chunks).decode())))
     assert rows[0] == ["id", "time", "product", "resource", "quantity", "unit", "unit_price", "price", "currency"]

@@ -45,6 +45,9 @@ def _csv_stream(header: list[str], rows: Iterable[list[str]]) -> Iterator[str]:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\r\n")
     writer.writerow(header)
+    yield buffer.getvalue()  # the first byte goes out before the query runs
+    buffer.seek(0)
+    buffer.truncate()
     for written, row in enumerate(rows, start=1):
         writer.writerow(row)
         if written % ROWS_PER_CHUNK == 0:
