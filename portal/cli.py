@@ -35,6 +35,9 @@ def register_commands(app: Flask) -> None:
     app.cli.add_command(close_cycle)
     app.cli.add_command(catalog)
     app.cli.add_command(stripe_portal_configuration)
+    from portal.mail import outbox_cli
+
+    app.cli.add_command(outbox_cli)
 
 
 @click.group("catalog")

@@ -13,6 +13,7 @@ import smtplib
 from dataclasses import dataclass
 from email.message import EmailMessage
 
+import click
 from flask import current_app
 from sqlalchemy import select
 
@@ -99,3 +100,33 @@ def deliver_outbox(limit: int = 200) -> DeliveryReport:
             except (OSError, smtplib.SMTPException):
                 pass
     return report
+
+
+@click.group("outbox")
+def outbox_cli() -> None:
+    """The mails the portal has to send (spend alerts), and their state."""
+
+
+@outbox_cli.command("list")
+@click.option("--all", "show_all", is_flag=True, help="Sent mails too, not only those waiting.")
+def outbox_list(show_all: bool) -> None:
+    """Mails waiting to be sent (with --all, every mail), oldest first."""
+    query = select(OutboxMail).order_by(OutboxMail.id)
+    if not show_all:
+        query = query.where(OutboxMail.sent_at.is_(None))
+    for mail in db.session.scalars(query):
+        state = f"sent {mail.sent_at:%Y-%m-%d %H:%M}" if mail.sent_at else f"waiting ({mail.attempts} attempts)"
+        click.echo(f"{mail.id:>6}  {mail.created_at:%Y-%m-%d %H:%M}  {state:24} {mail.recipient}  {mail.subject}")
+        if mail.last_error and not mail.sent_at:
+            click.echo(f"        last error: {mail.last_error}")
+
+
+@outbox_cli.command("send")
+def outbox_send() -> None:
+    """Send the waiting mails now, through SMTP_HOST (the job does it every minute)."""
+    report = deliver_outbox()
+    if not report.configured:
+        raise click.ClickException(f"SMTP_HOST is not set: {report.queued} mail(s) stay queued")
+    click.echo(f"sent {report.sent}, failed {report.failed}")
+    if report.failed:
+        raise SystemExit(1)

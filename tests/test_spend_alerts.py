@@ -344,3 +344,26 @@ def test_two_drainers_at_once_send_each_mail_once(app, db, initech, smtp_server)
         thread.join(timeout=30)
     assert not errors and sum(sent) == 8
     assert sorted(message["Subject"] for _, message in smtp_server.messages) == [f"mail {n}" for n in range(8)]
+
+
+def test_the_outbox_is_listed_and_sent_from_the_command_line(app, db, runner, initech, smtp_server):
+    organization, invoice, cpu = initech
+    add_alert(organization, "total", 100)
+    spend(db, invoice, cpu, 100)
+    evaluate_alerts(invoice.id)
+    db.session.commit()
+    listed = runner.invoke(args=["outbox", "list"])
+    assert listed.exit_code == 0
+    assert "waiting (0 attempts)" in listed.output and "ap@initech.test" in listed.output
+    sent = runner.invoke(args=["outbox", "send"])
+    assert sent.exit_code == 0 and "sent 1, failed 0" in sent.output
+    assert runner.invoke(args=["outbox", "list"]).output == ""
+    assert "sent " in runner.invoke(args=["outbox", "list", "--all"]).output
+    assert len(smtp_server.messages) == 1
+
+
+def test_sending_without_smtp_says_the_mails_stay_queued(app, db, runner, initech):
+    db.session.add(OutboxMail(recipient="ap@initech.test", subject="s", body="b"))
+    db.session.commit()
+    result = runner.invoke(args=["outbox", "send"])
+    assert result.exit_code == 1 and "SMTP_HOST is not set: 1 mail(s) stay queued" in result.output
