@@ -33,8 +33,9 @@ def periodic_job_definitions(config) -> list[PeriodicJob]:
         # Events whose job was lost (a worker killed, Redis restarted) wait for this.
         PeriodicJob("sweep-stored-events", "jobs.webhooks.sweep_stored_events",
                     min(60, config["SYNC_INTERVAL_SECONDS"])),
-        # Mails left unsent (SMTP away or configured late) go out with this.
-        PeriodicJob("deliver-outbox", "jobs.alerts.deliver_outbox", 60),
+        # Mails left unsent (SMTP away or configured late) go out with this; on `default`,
+        # so a slow SMTP server never holds up the sweeps.
+        PeriodicJob("deliver-outbox", "jobs.alerts.deliver_outbox", 60, queue="default"),
     ]
 
 
