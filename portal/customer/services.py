@@ -13,6 +13,7 @@ from decimal import Decimal
 
 from flask import abort, flash, redirect, render_template, request, url_for
 from flask_login import login_required
+from redis.exceptions import RedisError
 from sqlalchemy import select
 
 from portal import money
@@ -94,7 +95,7 @@ def _queue_sync(organization: Organization) -> None:
         return
     try:
         enqueue_sync(invoice.id, trigger="manual")
-    except Exception:  # the change is committed; only the early sync is lost
+    except RedisError:  # the change is committed; only the early sync is lost
         log.warning("could not queue a sync of invoice %s after a service change", invoice.id, exc_info=True)
 
 
