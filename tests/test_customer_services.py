@@ -138,3 +138,48 @@ def test_bad_input_is_refused_plainly_and_changes_nothing(client, auth, db, init
         assert message in response.get_data(as_text=True)
     assert attachments(db) == 0
     assert db.session.scalar(select(Invoice.total_cents)) == 0
+
+
+def test_an_attach_racing_a_close_is_billed_on_the_next_invoice(db, app, make):
+    """The page's attach keeps the billing functions' guarantee: an invoice claimed for
+    closing while the owner attaches never gets the charge, the next one does."""
+    import os
+    import threading
+
+    from tests.test_money_exactness import ClaimHeldOpen, event, post_usage
+
+    if not os.environ.get("TEST_DATABASE_URL"):
+        pytest.skip("a race between PostgreSQL transactions: SQLite lets one writer at a time")
+    from datetime import datetime, timedelta, timezone
+
+    from portal.models import InvoiceItem
+
+    organization = make.organization(slug="acme")
+    make.product("egress.gb", unit_price="200", name="Egress")
+    make.product("support.standard", unit_price="2900", kind="recurring", name="Support")
+    ended = make.open_invoice(organization, at=datetime.now(timezone.utc) - timedelta(days=40)).id
+    make.user("owner@example.com", organization=organization, role="owner")
+    client = app.test_client()
+    assert post_usage(client, [event("e0", "acme", "egress.gb", "1")]).status_code == 200
+    assert client.post("/login", data={"email": "owner@example.com", "password": "password123"}).status_code == 302
+    db.session.commit()
+
+    claim = ClaimHeldOpen(db, app, ended)
+    responses = []
+
+    def attach():
+        with app.app_context():
+            responses.append(client.post("/orgs/acme/services", data={"product": "support.standard"}))
+
+    thread = threading.Thread(target=attach)
+    thread.start()
+    claim.wait_for_waiters(2, or_done=thread)
+    claim.release()
+    thread.join(10)
+    assert responses[0].status_code == 303
+    db.session.rollback()
+    successor = db.session.scalar(select(Invoice).where(Invoice.status == "open"))
+    lines = db.session.execute(select(InvoiceItem.invoice_id, InvoiceItem.amount_cents)
+                               .where(InvoiceItem.line_key.like("support.standard|%"))).all()
+    assert [invoice_id for invoice_id, _ in lines] == [successor.id]  # never on the closing invoice
+    assert lines[0][1] > 0
