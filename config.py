@@ -126,6 +126,15 @@ class Config:
     # counts in memory, and /metrics shows only the answering process's counters
     # (the gauges, read from the database and Redis at each scrape, are right either way).
     PROMETHEUS_MULTIPROC_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+    # Mail (spend alerts). Without SMTP_HOST nothing is sent: mails wait in the outbox
+    # (the `mail_outbox` table) and go out once it is set. SMTP_PORT defaults to 25;
+    # SMTP_STARTTLS=1 upgrades the connection; SMTP_USERNAME/SMTP_PASSWORD log in.
+    SMTP_HOST = os.environ.get("SMTP_HOST") or None
+    SMTP_PORT = _int("SMTP_PORT", 25)
+    SMTP_FROM = os.environ.get("SMTP_FROM") or "billing@localhost"
+    SMTP_STARTTLS = _bool("SMTP_STARTTLS", False)
+    SMTP_USERNAME = os.environ.get("SMTP_USERNAME") or None
+    SMTP_PASSWORD = os.environ.get("SMTP_PASSWORD") or None
 
 
 class TestConfig(Config):
@@ -143,3 +152,4 @@ class TestConfig(Config):
     ARGON2_TIME_COST = 1
     ARGON2_MEMORY_COST = 8
     ARGON2_PARALLELISM = 1
+    SMTP_HOST = None  # tests that send mail start their own SMTP server

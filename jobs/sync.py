@@ -1,9 +1,13 @@
 """Sync jobs: thin wrappers around `portal.billing.sync`. Safe to run twice."""
 from __future__ import annotations
 
+import logging
+
 from rq import get_current_job
 
 from jobs.app import get_app
+
+log = logging.getLogger(__name__)
 
 
 def sync_invoice(invoice_id: int, trigger: str = "manual") -> dict:
@@ -32,9 +36,27 @@ def sync_invoice(invoice_id: int, trigger: str = "manual") -> dict:
 
             queue("default").enqueue("jobs.cycles.refresh_invoice_from_stripe", invoice_id,
                                      job_id=f"portal-refresh-{invoice_id}")
+        _evaluate_alerts(invoice_id)
         return {"sync_run": run.id, "outcome": run.outcome, "created": run.created, "updated": run.updated,
                 "deleted": run.deleted, "unchanged": run.unchanged, "stripe_calls": run.stripe_calls,
                 "error": run.error}
+
+
+def _evaluate_alerts(invoice_id: int) -> None:
+    """Spend alerts follow the figures this sync carried (the usage ingested since the
+    last one), whatever Stripe answered; ingest itself never waits for them. A failure
+    here is logged and never fails the sync."""
+    from redis.exceptions import RedisError
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from jobs.alerts import evaluate_and_queue
+    from portal.extensions import db
+
+    try:
+        evaluate_and_queue(invoice_id)
+    except (SQLAlchemyError, RedisError):
+        db.session.rollback()
+        log.exception("spend alerts of invoice %s were not evaluated", invoice_id)
 
 
 def sweep_unsynced() -> dict:

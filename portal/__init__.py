@@ -40,6 +40,9 @@ def create_app(config: object | None = None) -> Flask:
     init_redis(app)
 
     register_converters(app)  # <dbint:...>, <slug:...>, <jobid:...> for the routes below
+    from portal.errors import init_error_pages
+
+    init_error_pages(app)  # before the blueprints: the API's 404/405 handler wraps these
     from portal.admin import bp as admin_bp
     from portal.api import bp as api_bp
     from portal.auth import bp as auth_bp

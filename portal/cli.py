@@ -37,6 +37,9 @@ def register_commands(app: Flask) -> None:
     app.cli.add_command(stripe_portal_configuration)
     app.cli.add_command(stripe_check)
     app.cli.add_command(demo_setup)
+    from portal.mail import outbox_cli
+
+    app.cli.add_command(outbox_cli)
 
 
 @click.group("catalog")

@@ -134,6 +134,19 @@ def prorated_amount(
     return round_cents(exact)
 
 
+def extrapolated_amount(priced_quantities: Iterable[tuple[Decimal, Decimal]], basis_seconds: int,
+                        ahead_seconds: int) -> int:
+    """A run rate carried forward: the exact cost of (quantity, unit price) pairs used
+    over `basis_seconds`, scaled to `ahead_seconds`, rounded once. Zero when there is
+    no basis or nothing ahead (an estimate, never billed)."""
+    if basis_seconds <= 0 or ahead_seconds <= 0:
+        return 0
+    exact = Decimal(0)
+    for quantity_used, unit_price_cents in priced_quantities:
+        exact = _CONTEXT.add(exact, _CONTEXT.multiply(quantity_used, unit_price_cents))
+    return round_cents(_CONTEXT.divide(_CONTEXT.multiply(exact, Decimal(ahead_seconds)), Decimal(basis_seconds)))
+
+
 def seconds_between(start: datetime, end: datetime) -> int:
     """Whole seconds from start to end (never negative)."""
     return max(0, int((end - start).total_seconds()))
@@ -156,6 +169,25 @@ def format_money(cents: int, currency: str = "usd") -> str:
     whole, part = divmod(abs(cents), 100)
     text = f"{whole:,}.{part:02d}"
     return f"{sign}{symbol}{text}" if symbol else f"{sign}{text} {currency.upper()}"
+
+
+def _in_units(exact_cents: Decimal) -> str:
+    units = _CONTEXT.divide(exact_cents, Decimal(100)).normalize(_CONTEXT)
+    text = f"{units:f}"
+    if "." not in text:
+        return text + ".00"
+    return text + "0" if len(text.split(".")[1]) < 2 else text
+
+
+def unit_price_in_units(unit_price_cents: Decimal) -> str:
+    """A decimal-cent price as plain decimal currency units, exactly: 0.0011 -> "0.000011"."""
+    return _in_units(unit_price_cents)
+
+
+def exact_price_in_units(quantity: Decimal, unit_price_cents: Decimal) -> str:
+    """quantity x unit price in currency units, exactly (unrounded: for exports; an
+    invoice rounds once per line, with `line_amount`)."""
+    return _in_units(_CONTEXT.multiply(quantity, unit_price_cents))
 
 
 def format_price(unit_price_cents: Decimal) -> str:

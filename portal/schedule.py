@@ -38,6 +38,9 @@ def periodic_job_definitions(config) -> list[PeriodicJob]:
         # Reads Stripe: a bounded batch per run, from the shared request budget.
         PeriodicJob("sweep-drift", "jobs.drift.sweep_drift", config["DRIFT_SWEEP_INTERVAL_SECONDS"],
                     timeout_seconds=max(120, 6 * config["DRIFT_SWEEP_BATCH"])),
+        # Mails left unsent (SMTP away or configured late) go out with this; on `default`,
+        # so a slow SMTP server never holds up the sweeps.
+        PeriodicJob("deliver-outbox", "jobs.alerts.deliver_outbox", 60, queue="default"),
     ]
 
 

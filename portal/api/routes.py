@@ -52,12 +52,15 @@ def _http_error(error: HTTPException):
 def _api_routing_error(error: HTTPException):
     """A URL under the API that matches no route (an id beyond the database's range,
     a slug or job id that cannot exist) answers in the API's JSON shape; Flask sends
-    routing errors to the app's handlers, never the blueprint's. Elsewhere: as before."""
+    routing errors to the app's handlers, never the blueprint's. Elsewhere: the
+    portal's error page."""
     prefix = (current_app.blueprints["api"].url_prefix if "api" in current_app.blueprints else None) or "/api/"
     if request.blueprint is None and (request.path + "/").startswith(prefix.rstrip("/") + "/"):
         db.session.rollback()
         return _http_error(error)
-    return error
+    from portal.errors import error_page
+
+    return error_page(error)
 
 
 def _json_body() -> dict:

@@ -66,4 +66,5 @@ def logout():
     db.session.commit()
     logout_user()
     session.clear()
+    flash("You are signed out.", "success")  # after the clear, which empties the flashes too
     return redirect(url_for("auth.login"))

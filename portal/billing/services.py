@@ -10,13 +10,18 @@ quantity, from the same instant: each span is charged at its own quantity.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from functools import partial
 
+from sqlalchemy import select
+
+from portal.billing.cycles import cycle_containing
 from portal.billing.invoices import ensure_open_invoice
-from portal.billing.service_charges import charge_attachment
+from portal.billing.service_charges import charge_attachment, service_charge_cents
 from portal.extensions import db
-from portal.models import Organization, Product, ServiceAttachment
+from portal.models import Invoice, Organization, Product, ServiceAttachment
 from portal.models.types import utcnow
 
 
@@ -66,3 +71,61 @@ def change_quantity(attachment: ServiceAttachment, quantity: Decimal,
     detach_service(attachment, now)
     return attach_service(attachment.organization, attachment.product, quantity, attachment.resource,
                           attachment.detached_at)
+
+
+def attachable_products() -> list[Product]:
+    """The catalog's services a customer may attach (recurring and still sold)."""
+    return list(db.session.scalars(
+        select(Product).where(Product.kind == "recurring", Product.active.is_(True)).order_by(Product.name)
+    ))
+
+
+@dataclass(frozen=True)
+class ServiceQuote:
+    """What a change to the services does to the open invoice, in integer cents, by
+    the formula that bills it (`service_charge_cents`)."""
+
+    amount_cents: int  # the attachment's charge on the open invoice after the change
+    change_cents: int  # how the invoice's total moves (negative: it goes down)
+    until: datetime  # the end of the period the charge runs to
+    currency: str
+
+
+def quote_attachment(organization: Organization, product: Product, quantity: Decimal,
+                     now: datetime | None = None) -> ServiceQuote:
+    """What attaching `quantity` of `product` now costs for the rest of the period.
+    Reads only; raises ServiceError for what `attach_service` would refuse."""
+    now = now or utcnow()
+    if product.kind != "recurring" or not product.active:
+        raise ServiceError(f"product {product.code!r} is not a service that can be attached")
+    if quantity <= 0:
+        raise ServiceError("quantity must be greater than zero")
+    invoice = _open_or_next(organization, now)
+    amount = service_charge_cents(product, quantity, now, invoice.period_end, invoice=invoice,
+                                  anchor_day=organization.cycle_anchor_day)
+    return ServiceQuote(amount, amount, invoice.period_end, invoice.currency)
+
+
+def quote_detachment(attachment: ServiceAttachment, now: datetime | None = None) -> ServiceQuote:
+    """What detaching now takes off the open invoice (the rest of the period's charge)."""
+    now = now or utcnow()
+    if attachment.detached_at is not None:
+        raise ServiceError("the service is detached already")
+    organization = attachment.organization
+    invoice = _open_or_next(organization, now)
+    charge = partial(service_charge_cents, attachment.product, attachment.quantity, attachment.attached_at,
+                     invoice=invoice, anchor_day=organization.cycle_anchor_day)
+    whole, kept = charge(invoice.period_end), charge(max(now, attachment.attached_at))
+    return ServiceQuote(kept, kept - whole, invoice.period_end, invoice.currency)
+
+
+def _open_or_next(organization: Organization, now: datetime) -> Invoice:
+    """The open invoice, or (unsaved) the one `attach_service` would open."""
+    from portal.billing.invoices import open_invoice
+
+    invoice = open_invoice(organization)
+    if invoice is None:
+        start, end = cycle_containing(now, organization.cycle_anchor_day)
+        invoice = Invoice(organization_id=organization.id, period_start=start, period_end=end,
+                          currency=organization.currency)
+    return invoice

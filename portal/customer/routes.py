@@ -53,6 +53,8 @@ def index():
 @login_required
 def billing():
     organizations = _organizations_of_user()
+    if not organizations and current_user.is_support:
+        return redirect(url_for("admin.index"))  # staff read customers' pages from the admin view
     if len(organizations) == 1:
         return redirect(url_for("customer.organization_billing", slug=organizations[0].slug))
     return render_template("customer/choose_org.html", organizations=organizations)

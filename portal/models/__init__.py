@@ -1,5 +1,6 @@
 """The portal's data model, split by aggregate."""
 from portal.models.accounts import Membership, Organization, User
+from portal.models.alerts import ALERT_KINDS, AlertCrossing, OutboxMail, SpendAlert
 from portal.models.audit import AuditEntry
 from portal.models.billing import (
     INVOICE_STATUSES,
@@ -13,6 +14,10 @@ from portal.models.stripe_events import StripeEvent, StripeWrite
 from portal.models.usage import ServiceAttachment, UsageEvent
 
 __all__ = [
+    "ALERT_KINDS",
+    "AlertCrossing",
+    "OutboxMail",
+    "SpendAlert",
     "INVOICE_STATUSES",
     "AuditEntry",
     "DriftCheck",
