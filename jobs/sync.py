@@ -49,7 +49,7 @@ def _evaluate_alerts(invoice_id: int) -> None:
     from redis.exceptions import RedisError
     from sqlalchemy.exc import SQLAlchemyError
 
-    from jobs.alerts import evaluate_and_queue
+    from portal.billing.alerts import evaluate_and_queue
     from portal.extensions import db
 
     try:

@@ -161,7 +161,7 @@ def test_without_smtp_mails_stay_queued_and_go_when_it_is_configured(app, db, in
     organization, invoice, cpu = initech
     add_alert(organization, "total", 100)
     spend(db, invoice, cpu, 100)
-    from jobs.alerts import evaluate_and_queue
+    from portal.billing.alerts import evaluate_and_queue
     from portal.mail import deliver_outbox
 
     assert evaluate_and_queue(invoice.id) == 1

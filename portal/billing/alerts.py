@@ -186,3 +186,23 @@ def banners(rows: list[tuple[SpendAlert, AlertCrossing | None, str]]) -> list[Ba
     """The open invoice's crossings, newest first."""
     crossed = [Banner(alert, crossing, currency) for alert, crossing, currency in rows if crossing is not None]
     return sorted(crossed, key=lambda banner: (banner.crossing.crossed_at, banner.crossing.id), reverse=True)
+
+
+DELIVERY_JOB_ID = "portal-deliver-outbox"
+
+
+def enqueue_delivery() -> None:
+    """Queue one run of the outbox's delivery (a burst of crossings is one job)."""
+    from portal.queue import queue
+
+    queue("default").enqueue("jobs.alerts.deliver_outbox", job_id=DELIVERY_JOB_ID, result_ttl=600)
+
+
+def evaluate_and_queue(invoice_id: int) -> int:
+    """Evaluate the invoice's alerts and commit; queue the mails' delivery if any
+    crossing was recorded. Inside an app context. Returns how many were recorded."""
+    crossings = evaluate_alerts(invoice_id)
+    db.session.commit()
+    if crossings:
+        enqueue_delivery()
+    return len(crossings)

@@ -72,7 +72,7 @@ def add_spend_alert(slug: str):
     # An invoice already past the threshold is said at once, not at the next sync.
     invoice = open_invoice(organization)
     if invoice is not None:
-        from jobs.alerts import evaluate_and_queue
+        from portal.billing.alerts import evaluate_and_queue
 
         try:
             evaluate_and_queue(invoice.id)
