@@ -9,7 +9,7 @@ from portal.models.billing import (
 )
 from portal.models.catalog import Product
 from portal.models.stripe_events import StripeEvent, StripeWrite
-from portal.models.usage import ServiceAttachment, UsageEvent
+from portal.models.usage import ServiceAttachment, UsageEvent, UsageEventResend
 
 __all__ = [
     "INVOICE_STATUSES",
@@ -24,5 +24,6 @@ __all__ = [
     "StripeWrite",
     "SyncRun",
     "UsageEvent",
+    "UsageEventResend",
     "User",
 ]
