@@ -140,10 +140,12 @@ def test_each_filter_finds_its_organizations_and_the_front_page_counts_them(clie
     runs = [("failing", "stripe_unavailable", 2, None), ("recovered", "stripe_unavailable", 3, None),
             ("recovered", "synced", 1, None), ("calm", "synced", 1, None),
             ("drift", "synced", 1, "Stripe draft in_x was deleted at Stripe; created it again")]
-    for slug, outcome, minutes_ago, note in runs:
+    for slug, outcome, minutes_ago, note in sorted(runs, key=lambda run: -run[2]):
         at = now - timedelta(minutes=minutes_ago)
         db.session.add(SyncRun(invoice_id=invoices[slug], trigger="schedule", started_at=at, finished_at=at,
                                outcome=outcome, note=note))
+        # As the sync records it with each run (portal/billing/sync.py, _finish).
+        db.session.execute(update(Invoice).where(Invoice.id == invoices[slug]).values(last_sync_outcome=outcome))
     db.session.execute(update(Invoice).where(Invoice.id == invoices["blocked"])
                        .values(sync_blocked="stripe_invoice_finalized"))
     db.session.execute(update(Invoice).where(Invoice.id == invoices["unpaid"])
@@ -186,8 +188,8 @@ INDEXED_QUERIES = [
      "ix_invoices_active_period_end"),
     ("SELECT organization_id FROM invoices WHERE status = 'open' AND total_cents < 0", "ix_invoices_open_negative"),
     ("SELECT id FROM organizations WHERE stripe_balance_cents < 0", "ix_organizations_credit_balance"),
-    ("SELECT invoice_id FROM sync_runs WHERE outcome NOT IN ('synced', 'unchanged', 'locked')",
-     "ix_sync_runs_failed"),
+    ("SELECT organization_id FROM invoices WHERE status IN ('open', 'closing') "
+     "AND last_sync_outcome NOT IN ('synced', 'unchanged')", "ix_invoices_sync_failing"),
     ("SELECT invoice_id FROM sync_runs WHERE note IS NOT NULL", "ix_sync_runs_noted"),
     (SEQSCAN_OFF + "SELECT * FROM usage_events WHERE invoice_id = 1 AND product_id = 1 AND resource = 'r' "
      "ORDER BY occurred_at LIMIT 101", "ix_usage_events_invoice_line"),
@@ -201,18 +203,20 @@ def _populate(connection) -> None:
     """Thousands of ordinary rows and a few of each kind support looks for, analysed."""
     connection.execute(text(
         "INSERT INTO organizations (slug, name, billing_email, currency, cycle_anchor_day, created_at,"
-        " stripe_balance_cents) SELECT 'org-' || n, 'Company ' || md5(n::text), 'ap' || n || '@acme.test', 'usd', 1, now(),"
+        " stripe_balance_cents) SELECT 'org-' || n, 'Company ' || md5(n::text), 'ap' || n || '@acme.test', 'usd',"
+        " 1, now(),"
         " CASE WHEN n % 1000 = 0 THEN -100 ELSE 0 END FROM generate_series(1, 5000) AS n"))
     connection.execute(text(
         "INSERT INTO users (email, name, password_hash, is_support, created_at, session_version)"
         " SELECT 'peter' || n || '@initech.test', '', 'x', false, now(), 0 FROM generate_series(1, 5000) AS n"))
     connection.execute(text(
         "INSERT INTO invoices (organization_id, period_start, period_end, status, currency, total_cents, change_seq,"
-        " synced_seq, created_at, carried_to_balance_cents, payment_attempts, sync_blocked)"
+        " synced_seq, created_at, carried_to_balance_cents, payment_attempts, sync_blocked, last_sync_outcome)"
         " SELECT id, now() - interval '40 days',"
         " now() + interval '20 days' - (id % 1000 = 0)::int * interval '30 days', 'open',"
         " 'usd', CASE WHEN id % 999 = 0 THEN -5 ELSE 100 END, 1, 1, now(), 0, 0,"
-        " CASE WHEN id % 997 = 0 THEN 'stripe_invoice_finalized' END FROM organizations"))
+        " CASE WHEN id % 997 = 0 THEN 'stripe_invoice_finalized' END,"
+        " CASE WHEN id % 500 = 0 THEN 'stripe_unavailable' ELSE 'synced' END FROM organizations"))
     connection.execute(text(
         "INSERT INTO invoices (organization_id, period_start, period_end, status, currency, total_cents, change_seq,"
         " synced_seq, created_at, carried_to_balance_cents, payment_attempts)"
@@ -258,13 +262,24 @@ def test_the_filter_queries_of_the_front_page_use_partial_indexes(db, make):
         connection.execute(text("SET enable_seqscan = off"))
         for name, index in (("payment_failed", "ix_invoices_payment_failed"),
                             ("credit_balance", "ix_organizations_credit_balance"),
-                            ("sync_failing", "ix_sync_runs_failed"),
+                            ("sync_failing", "ix_invoices_sync_failing"),
                             ("cycle_overdue", "ix_invoices_active_period_end")):
             statement = FILTERS[name].organizations()
             compiled = statement.compile(dialect=db.engine.dialect)
             assert "'finalized'" in str(compiled) or name != "payment_failed"
             plan = connection.exec_driver_sql("EXPLAIN " + str(compiled), compiled.params).all()
             assert index in "\n".join(row[0] for row in plan), (name, plan)
+
+
+def test_a_sync_run_records_its_outcome_on_the_invoice_for_the_filter(app, client, db, make, staff, monkeypatch):
+    from portal.billing.sync import sync_invoice
+
+    monkeypatch.setitem(app.config, "STRIPE_API_KEY", None)
+    invoice = make.open_invoice(make.organization(slug="nokey", name="Org nokey"))
+    assert sync_invoice(invoice.id).outcome == "stripe_not_configured"
+    db.session.expire_all()
+    assert db.session.get(Invoice, invoice.id).last_sync_outcome == "stripe_not_configured"
+    assert ">Org nokey</a>" in _listed(_page(client, "/admin/?filter=sync_failing"))
 
 
 # --- 2. explain ----------------------------------------------------------------------

@@ -4,6 +4,8 @@ Revision ID: 0008
 Revises: 0006
 Create Date: 2026-11-28 12:00:00.000000
 
+Invoices keep the outcome of their latest sync run (written with the run, backfilled
+here), so "sync failing" is a small index rather than a look through every run.
 Support finds organizations by slug, name, billing email and user email through
 trigram indexes on PostgreSQL (pg_trgm; plain indexes of the same names on SQLite,
 where the table is small enough to scan), and each filter of the front page through
@@ -29,14 +31,14 @@ depends_on = None
 ACTIVE_INVOICE = "status IN ('open', 'closing')"
 PAYMENT_FAILED = "status = 'finalized' AND (payment_attempts > 0 OR payment_problem IS NOT NULL)"
 OPEN_NEGATIVE = "status = 'open' AND total_cents < 0"
-FAILED_SYNC_RUN = "outcome NOT IN ('synced', 'unchanged', 'locked')"
+SYNC_FAILING = "status IN ('open', 'closing') AND last_sync_outcome NOT IN ('synced', 'unchanged')"
 
 PARTIAL_INDEXES = [
     ('ix_invoices_sync_blocked', 'invoices', ['id'], 'sync_blocked IS NOT NULL'),
     ('ix_invoices_active_period_end', 'invoices', ['period_end'], ACTIVE_INVOICE),
     ('ix_invoices_payment_failed', 'invoices', ['period_end'], PAYMENT_FAILED),
     ('ix_invoices_open_negative', 'invoices', ['organization_id'], OPEN_NEGATIVE),
-    ('ix_sync_runs_failed', 'sync_runs', ['invoice_id', 'started_at'], FAILED_SYNC_RUN),
+    ('ix_invoices_sync_failing', 'invoices', ['organization_id'], SYNC_FAILING),
     ('ix_sync_runs_noted', 'sync_runs', ['invoice_id', 'started_at'], 'note IS NOT NULL'),
     ('ix_organizations_credit_balance', 'organizations', ['id'], 'stripe_balance_cents < 0'),
 ]
@@ -108,6 +110,13 @@ def upgrade():
             op.create_index(name, table, [column], postgresql_using='gin', postgresql_ops={column: 'gin_trgm_ops'})
         else:
             op.create_index(name, table, [column])
+    with op.batch_alter_table('invoices') as batch_op:
+        batch_op.add_column(sa.Column('last_sync_outcome', sa.String(length=32), nullable=True))
+    # The outcome of each open or closing invoice's latest finished run (not "locked").
+    op.execute("UPDATE invoices SET last_sync_outcome = (SELECT sync_runs.outcome FROM sync_runs "
+               "WHERE sync_runs.invoice_id = invoices.id AND sync_runs.finished_at IS NOT NULL "
+               "AND sync_runs.outcome <> 'locked' ORDER BY sync_runs.started_at DESC, sync_runs.id DESC LIMIT 1) "
+               "WHERE status IN ('open', 'closing')")
     for name, table, columns, where in PARTIAL_INDEXES:
         op.create_index(name, table, columns, postgresql_where=sa.text(where), sqlite_where=sa.text(where))
 
@@ -147,6 +156,8 @@ def downgrade():
         batch_op.drop_column('organization_id')
     for name, table, _, _ in reversed(PARTIAL_INDEXES):
         op.drop_index(name, table_name=table)
+    with op.batch_alter_table('invoices') as batch_op:
+        batch_op.drop_column('last_sync_outcome')
     for name, table, _ in reversed(TRIGRAM_INDEXES):
         op.drop_index(name, table_name=table)
     op.drop_index('ix_organizations_name_id', table_name='organizations')

@@ -481,6 +481,9 @@ def _finish(record: SyncRun, outcome: str, error: str | None, stripe: StripeGate
     if stripe is not None:
         record.stripe_reads, record.stripe_writes = stripe.counts.reads, stripe.counts.writes
     db.session.add(record)
+    if outcome != "locked":  # a run that found the lock taken did nothing: the holder's run tells
+        db.session.execute(update(Invoice).where(Invoice.id == record.invoice_id)
+                           .values(last_sync_outcome=outcome).execution_options(synchronize_session=False))
     db.session.commit()
     return record
 

@@ -36,7 +36,7 @@ def _in(column: str, values: tuple[str, ...]) -> str:
 ACTIVE_INVOICE = "status IN ('open', 'closing')"
 PAYMENT_FAILED = "status = 'finalized' AND (payment_attempts > 0 OR payment_problem IS NOT NULL)"
 OPEN_NEGATIVE = "status = 'open' AND total_cents < 0"
-FAILED_SYNC_RUN = "outcome NOT IN ('synced', 'unchanged', 'locked')"
+SYNC_FAILING = "status IN ('open', 'closing') AND last_sync_outcome NOT IN ('synced', 'unchanged')"
 
 
 def _partial_index(name: str, columns: str | list[str], where: str) -> Index:
@@ -71,6 +71,7 @@ class Invoice(db.Model):
         _partial_index("ix_invoices_active_period_end", "period_end", ACTIVE_INVOICE),
         _partial_index("ix_invoices_payment_failed", "period_end", PAYMENT_FAILED),
         _partial_index("ix_invoices_open_negative", "organization_id", OPEN_NEGATIVE),
+        _partial_index("ix_invoices_sync_failing", "organization_id", SYNC_FAILING),
     )
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
@@ -108,6 +109,9 @@ class Invoice(db.Model):
     payment_problem: Mapped[str | None] = mapped_column(String(32))
     # Stripe could not finalize the draft on its own (`invoice.finalization_failed`).
     finalization_error: Mapped[str | None] = mapped_column(Text)
+    # The outcome of the latest finished sync run that did not find the invoice locked
+    # (written with the run), so support's "sync failing" filter is one small index.
+    last_sync_outcome: Mapped[str | None] = mapped_column(String(32))
 
     organization: Mapped[Organization] = relationship()
     items: Mapped[list[InvoiceItem]] = relationship(
@@ -164,7 +168,6 @@ class SyncRun(db.Model):
     __table_args__ = (
         CheckConstraint(_in("trigger", SYNC_TRIGGERS), name="trigger_known"),
         Index("ix_sync_runs_invoice_started", "invoice_id", "started_at"),
-        _partial_index("ix_sync_runs_failed", ["invoice_id", "started_at"], FAILED_SYNC_RUN),
         _partial_index("ix_sync_runs_noted", ["invoice_id", "started_at"], "note IS NOT NULL"),
     )
 
