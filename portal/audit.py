@@ -83,7 +83,8 @@ def record_support_action(
         organization_id=organization.id if organization is not None else None,
         invoice_id=invoice.id if invoice is not None else None,
         reason=clean_reason(reason, required=False),
-        details=dict(detail or {}),
+        # The slug at the time, which the audit page shows and links.
+        details={**({"organization": organization.slug} if organization is not None else {}), **(detail or {})},
     )
     db.session.add(entry)
     return entry

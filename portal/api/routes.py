@@ -6,7 +6,7 @@ from decimal import Decimal
 
 from flask import Blueprint, current_app, g, jsonify, request
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import selectinload
 from werkzeug.exceptions import HTTPException
 
@@ -147,8 +147,12 @@ def report_usage():
                        rejected.problems) from None
     except EventConflict as conflict:
         db.session.rollback()
-        if record_conflicts(conflict):  # support sees each refused resend on the accepted event
-            db.session.commit()
+        try:
+            if record_conflicts(conflict):  # support sees each refused resend on the accepted event
+                db.session.commit()
+        except SQLAlchemyError:  # the refusal stands; only support's record of it is lost
+            db.session.rollback()
+            current_app.logger.exception("could not record refused resends")
         raise ApiError(409, "conflicting_events",
                        f"{len(conflict.conflicts)} event id(s) reused with different content; nothing was stored",
                        conflict.conflicts) from None
