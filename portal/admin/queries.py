@@ -173,6 +173,10 @@ def discrepancies(now: datetime | None = None, page: int = 1,
         .outerjoin(last_run, last_run.id == last_finished_id)
         .where(
             Invoice.status.in_(SYNCABLE_STATUSES),
+            # Candidates first, from the invoice's own columns (indexed), so the runs and
+            # items are looked at only for the few invoices that can be a problem.
+            or_(Invoice.sync_blocked.is_not(None), Invoice.last_sync_outcome.not_in(GOOD_OUTCOMES),
+                Invoice.change_seq > Invoice.synced_seq),
             or_(
                 Invoice.sync_blocked.is_not(None),
                 and_(last_run.id.is_not(None), last_run.outcome.not_in(GOOD_OUTCOMES)),

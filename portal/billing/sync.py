@@ -390,11 +390,14 @@ def _sync_locked(invoice_id: int, record: SyncRun, stripe: StripeGateway | None,
             raise LookupError(f"no invoice {invoice_id}")
         # We hold the lock: a run of this invoice still without an outcome died (its
         # process was killed) and will never record one.
-        db.session.execute(
+        died = db.session.execute(
             update(SyncRun).where(SyncRun.invoice_id == invoice_id, SyncRun.finished_at.is_(None))
             .values(outcome="died", finished_at=utcnow(),
                     error="its process ended before the run finished (killed, or its machine lost)")
             .execution_options(synchronize_session=False))
+        if died.rowcount:
+            db.session.execute(update(Invoice).where(Invoice.id == invoice_id).values(last_sync_outcome="died")
+                               .execution_options(synchronize_session=False))
         db.session.add(record)
         db.session.commit()
         if invoice.status not in SYNCABLE_STATUSES:
