@@ -124,12 +124,16 @@ def _term_matches(term: str) -> Select:
             select(Invoice.organization_id).join(InvoiceItem, InvoiceItem.invoice_id == Invoice.id)
             .where(InvoiceItem.id == int(number)),
         )
+    members = select(Membership.organization_id).join(User, User.id == Membership.user_id).where(
+        User.email.icontains(term, autoescape=True))
+    if "@" in term:  # an email: slugs never hold "@", and names are not searched by address
+        return union(select(Organization.id).where(Organization.billing_email.icontains(term, autoescape=True)),
+                     members)
     return union(
         select(Organization.id).where(or_(Organization.slug.icontains(term, autoescape=True),
                                           Organization.name.icontains(term, autoescape=True),
                                           Organization.billing_email.icontains(term, autoescape=True))),
-        select(Membership.organization_id).join(User, User.id == Membership.user_id)
-        .where(User.email.icontains(term, autoescape=True)),
+        members,
     )
 
 
