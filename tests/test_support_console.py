@@ -26,6 +26,7 @@ from portal.models import (
     SyncRun,
     User,
 )
+from portal.models.audit import AuditEntryImmutable
 from portal.models.types import utcnow
 from portal.queue import redis_connection
 from tests.api_helpers import event, post_usage, stamp
@@ -519,7 +520,17 @@ def test_audit_entries_cannot_be_changed_or_removed_in_the_database(db, make):
             db.session.flush()
         db.session.rollback()
     db.session.expire_all()
-    assert db.session.get(AuditEntry, entry.id).reason == "checking"
+    kept = db.session.get(AuditEntry, entry.id)
+    assert kept.reason == "checking"
+    # Through the ORM it does not even reach the database.
+    kept.reason = "rewritten"
+    with pytest.raises(AuditEntryImmutable):
+        db.session.commit()
+    db.session.rollback()
+    db.session.delete(db.session.get(AuditEntry, entry.id))
+    with pytest.raises(AuditEntryImmutable):
+        db.session.commit()
+    db.session.rollback()
     # Deleting the actor's user lets the foreign key forget the id; who it was stays.
     db.session.execute(delete(User).where(User.id == user.id))
     db.session.commit()
