@@ -431,6 +431,7 @@ def test_close_asks_first_and_says_who_is_charged_how_much(client, db, staff, me
     consequences = page.split('id="consequences"')[1].split("</ul>")[0]
     assert "$10.00" in consequences and "Acme Cloud" in consequences and "ap@acme.test" in consequences
     assert "The customer is charged now" in consequences and "visa •••• 4242" in consequences
+    assert "Close the cycle and charge now" in page
     # Without the confirmation nothing happens; without a reason neither.
     assert client.post(f"/admin/invoices/{invoice.id}/close").status_code == 302
     refused = client.post(f"/admin/invoices/{invoice.id}/close", data={"confirmed": "yes", "reason": "  "})

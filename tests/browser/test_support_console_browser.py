@@ -66,11 +66,21 @@ def test_support_finds_explains_credits_and_sees_the_audit(db, client, make, liv
         assert "Credit of $25.00 added" in page.locator("body").inner_text()
         assert page.locator("#customer-view tfoot .total").inner_text().strip() == "-$4.89"
 
+        # Closing now would charge nothing: the confirmation says so, and Cancel leaves it.
+        page.get_by_role("link", name="Close cycle now…").click()
+        page.wait_for_url(f"{live_server.url}/admin/invoices/*/close")
+        close = page.locator("#consequences").inner_text()
+        assert "-$4.89" in close and "Nothing is charged" in close and "credit balance" in close
+        assert page.get_by_role("button", name="Close the cycle now").is_visible()
+        page.screenshot(path=str(shots / "5-close-confirm.png"), full_page=True)
+        page.get_by_role("link", name="Cancel").click()
+        page.wait_for_url(f"{live_server.url}/admin/orgs/initech")
+
         own_audit = page.locator("#audit")
         assert "Outage on 3 March" in own_audit.inner_text() and "staff@example.com" in own_audit.inner_text()
         own_audit.get_by_role("link", name="all of them").click()
         page.wait_for_url(f"{live_server.url}/admin/audit?org=initech")
         entries = page.locator("#audit-entries").inner_text()
         assert "Credit added" in entries and "Outage on 3 March" in entries and "$25.00" in entries
-        page.screenshot(path=str(shots / "5-audit.png"), full_page=True)
+        page.screenshot(path=str(shots / "6-audit.png"), full_page=True)
     print(f"screenshots in {shots}")
