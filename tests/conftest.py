@@ -64,17 +64,34 @@ def _session_app(database_uri: str, redis_url: str) -> Flask:
         db.engine.dispose()
 
 
+def sqlite_audit_triggers() -> list[str]:
+    """The statements of the migration that make audit entries append-only on SQLite."""
+    import importlib.util
+
+    [path] = (Path(__file__).resolve().parent.parent / "migrations" / "versions").glob("*_support_console.py")
+    spec = importlib.util.spec_from_file_location("support_console_migration", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SQLITE_TRIGGERS
+
+
 def _empty_tables() -> None:
     from portal.extensions import db
 
     tables = [table for table in reversed(db.metadata.sorted_tables)]
     with db.engine.begin() as connection:
         if db.engine.dialect.name == "postgresql":
+            # TRUNCATE fires no row triggers: the append-only audit lets it through.
             names = ", ".join(table.name for table in tables)
             connection.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
         else:
+            # SQLite has no TRUNCATE: lift the audit's triggers for the emptying only.
+            connection.execute(text("DROP TRIGGER IF EXISTS audit_entries_no_update"))
+            connection.execute(text("DROP TRIGGER IF EXISTS audit_entries_no_delete"))
             for table in tables:
                 connection.execute(table.delete())
+            for statement in sqlite_audit_triggers():
+                connection.execute(text(statement))
 
 
 @pytest.fixture

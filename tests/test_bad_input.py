@@ -31,6 +31,13 @@ def count(db, model) -> int:
     return db.session.scalar(select(func.count()).select_from(model))
 
 
+def support_actions(db) -> int:
+    """Audit entries other than support's sign-ins."""
+    db.session.rollback()
+    return db.session.scalar(select(func.count()).select_from(AuditEntry)
+                             .where(AuditEntry.action != "support.sign_in"))
+
+
 @pytest.fixture
 def acme(make):
     organization = make.organization(slug="acme", created_at=datetime.now(timezone.utc) - timedelta(days=400))
@@ -94,7 +101,7 @@ def test_page_and_admin_ids_beyond_the_database_range_are_404(client, db, acme, 
     assert client.get(f"/orgs/acme/invoices/{bad_id}").status_code == 404
     assert client.post(f"/admin/invoices/{bad_id}/sync").status_code == 404
     assert client.post(f"/admin/invoices/{bad_id}/close").status_code == 404
-    assert count(db, AuditEntry) == 0
+    assert support_actions(db) == 0
 
 
 @pytest.mark.parametrize("job_id", ["a.b", "..", "a%0A", "a%00b", "%E2%80%8B", "a:b", "x" * 129])
@@ -215,7 +222,7 @@ def test_credit_amounts_outside_the_grammar_are_refused(client, db, acme, suppor
     page = client.post("/admin/orgs/acme/credits", data={"amount": amount, "reason": "Goodwill"},
                        follow_redirects=True).get_data(as_text=True)
     assert "No credit given" in page, amount
-    assert count(db, InvoiceItem) == 0 and count(db, AuditEntry) == 0
+    assert count(db, InvoiceItem) == 0 and support_actions(db) == 0
 
 
 @pytest.mark.parametrize("price", ["1_0", "\u0661", " 1", "1,5", "1e2", "-0", "0.00000000001"])

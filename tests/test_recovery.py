@@ -77,8 +77,10 @@ def stuck_listed(client, invoice_id: int) -> str:
 
 
 def audit(db) -> list[AuditEntry]:
+    """The audit entries of the actions (support's sign-ins left out)."""
     db.session.expire_all()
-    return list(db.session.scalars(select(AuditEntry).order_by(AuditEntry.id)))
+    return list(db.session.scalars(select(AuditEntry).where(AuditEntry.action != "support.sign_in")
+                                   .order_by(AuditEntry.id)))
 
 
 def assert_billed(db, emulator, invoice_id: int) -> Invoice:
@@ -115,8 +117,8 @@ def test_a_draft_deleted_at_stripe_with_the_invoice_closing_is_billed_through_th
     assert invoice.stripe_invoice_id != old_draft
     [entry] = audit(db)
     assert (entry.actor, entry.action, entry.object_id) == ("staff@example.com", "recovery.recreate_draft", str(due.id))
-    assert entry.details["reason"] == "Ticket 4711: the invoice is stuck"
-    assert entry.details["stripe_invoice_id"] == old_draft and entry.details["jobs"] == [f"portal-close-{due.id}"]
+    assert entry.reason == "Ticket 4711: the invoice is stuck"
+    assert entry.details["stripe_invoice_id"] == old_draft
     assert f'id="stuck-{due.id}"' not in support.get("/admin/recovery").get_data(as_text=True)
 
 

@@ -15,6 +15,7 @@ from decimal import Decimal
 import pytest
 
 from portal.billing.alerts import add_alert
+from portal.billing.credits import add_credit
 from portal.billing.pricing import add_quantity
 from portal.billing.services import attach_service
 from tests.security_stats import record_stats
@@ -54,13 +55,14 @@ def two_orgs(db, make):
     add_quantity(theirs, egress, "", Decimal(5))
     services = [attach_service(org, ip, Decimal(1), "") for org in (acme, globex)]
     alerts = [add_alert(org, "total", 100) for org in (acme, globex)]
+    own_credit, other_credit = add_credit(acme, "1", "Goodwill"), add_credit(globex, "1", "Goodwill")
     db.session.commit()
     make.user("ann@example.com", organization=acme)
     make.user("sam@example.com", support=True)
     values = {"own": {"slug": acme.slug, "invoice_id": mine.id, "service_id": services[0].id,
-                      "alert_id": alerts[0].id},
+                      "alert_id": alerts[0].id, "item_id": own_credit.id},
               "other": {"slug": globex.slug, "invoice_id": theirs.id, "service_id": services[1].id,
-                        "alert_id": alerts[1].id}}
+                        "alert_id": alerts[1].id, "item_id": other_credit.id}}
     # The jobs dashboard's parameters (rq-dashboard at /admin/jobs): a queue, a job.
     jobs = {"instance_number": 0, "queue_name": "default", "registry_name": "failed", "per_page": 8,
             "order": "asc", "page": 1, "job_id": "no-such-job", "filename": "css/main.css"}

@@ -50,9 +50,9 @@ def test_a_delivered_invoice_event_names_its_organization_and_invoice(client, db
     assert post_event(client, body, sign(body)).status_code == 200
     stored = db.session.scalar(select(StripeEvent).where(StripeEvent.stripe_event_id == "evt_paid"))
     assert (stored.organization_id, stored.invoice_id) == (organization.id, invoice.id)
-    assert [e.stripe_event_id for e in stripe_events_of_organization(organization.id)] == ["evt_paid"]
+    assert [e.stripe_event_id for e in stripe_events_of_organization(organization).rows] == ["evt_paid"]
     assert [e.stripe_event_id for e in stripe_events_of_invoice(invoice.id)] == ["evt_paid"]
-    assert stripe_events_of_organization(other.id) == []
+    assert stripe_events_of_organization(other).rows == []
 
 
 def test_customer_line_and_metadata_events_find_their_subjects(db, billed):
@@ -134,7 +134,7 @@ def test_the_migration_backfill_fills_existing_rows_in_batches(db, billed, monke
     db.session.commit()
     assert migration.backfill(db.session.connection()) == 20
     db.session.commit()
-    assert len(stripe_events_of_organization(organization.id, limit=100)) == 20
+    assert len(stripe_events_of_organization(organization).rows) == 20
     assert len(stripe_events_of_invoice(invoice.id, limit=100)) == 10
 
 

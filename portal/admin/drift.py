@@ -8,8 +8,9 @@ from flask import abort, flash, redirect, render_template, url_for
 from flask_login import current_user
 from redis.exceptions import RedisError
 
-from portal.admin.recovery import RECOVERIES, record_support_action
+from portal.admin.recovery import RECOVERIES
 from portal.admin.routes import bp, support_required
+from portal.audit import record_support_action
 from portal.billing.drift import (
     NotComparable,
     compare_invoice,
@@ -89,12 +90,12 @@ def repair_drift(invoice_id: int):
     try:
         job_id = enqueue_sync(invoice.id, trigger="manual")
     except RedisError as error:
-        entry.details = {**entry.details, "enqueue_error": str(error)}
+        # The audit is append-only: the failure is an entry of its own.
+        record_support_action(current_user, "job.enqueue_failed", invoice=invoice,
+                              detail={"audit_entry_id": entry.id, "for_action": entry.action, "error": str(error)})
         db.session.commit()
         flash(f"Repair recorded, but the sync could not be queued ({error}); the periodic sweep will pick it up.",
               "error")
     else:
-        entry.details = {**entry.details, "job_id": job_id}
-        db.session.commit()
         flash(f"Repair of invoice #{invoice.id} queued (sync job {job_id}). Compare again once it has run.", "success")
     return redirect(url_for("admin.drift", invoice_id=invoice_id))

@@ -107,16 +107,18 @@ def _audit_action(response: Response) -> Response:
     answer = response.get_json(silent=True) or {}
     if answer.get("status") != "OK":
         return response  # refused (DISABLED) or nothing done
-    from portal.admin.actions import record
     from portal.extensions import db
+    from portal.models import AuditEntry
 
     values = request.view_args or {}
     action = request.endpoint.removeprefix("rq_dashboard.").removesuffix("_view")
     if "job_id" in values:
-        record(current_user, f"jobs.{action}", "job", values["job_id"])
+        object_type, object_id, details = "job", values["job_id"], {}
     else:
-        record(current_user, f"jobs.{action}", "queue", values.get("queue_name", ""),
-               registry=values.get("registry_name"), count=answer.get("count"))
+        object_type, object_id = "queue", values.get("queue_name", "")
+        details = {"registry": values.get("registry_name"), "count": answer.get("count")}
+    db.session.add(AuditEntry(actor_user_id=current_user.id, actor=current_user.email, action=f"jobs.{action}",
+                              object_type=object_type, object_id=str(object_id), details=details))
     db.session.commit()
     return response
 

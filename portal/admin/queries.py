@@ -7,11 +7,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from sqlalchemy import and_, case, func, or_, select
-from sqlalchemy.orm import aliased, joinedload, selectinload
+from sqlalchemy.orm import aliased, joinedload
 
+from portal.billing.credits import credit_items
 from portal.billing.sync import SYNCABLE_STATUSES
+from portal.customer.overview import BillingOverview, billing_overview
 from portal.extensions import db
-from portal.models import AuditEntry, Invoice, InvoiceItem, Organization, StripeEvent, SyncRun
+from portal.models import AuditEntry, Invoice, InvoiceItem, Organization, ServiceAttachment, StripeEvent, SyncRun
 from portal.models.types import utcnow
 
 # Invoices a sync still works on; a closed invoice's sync history is just history.
@@ -19,27 +21,12 @@ from portal.models.types import utcnow
 GOOD_OUTCOMES = ("synced", "unchanged")
 # Unsynced changes older than this are a discrepancy: the sweep runs every minute.
 PENDING_TOO_LONG = timedelta(minutes=10)
-ORGANIZATIONS_PER_PAGE = 100
-RECENT_SYNC_RUNS = 50
+RECENT_SYNC_RUNS = 25
 RECENT_STRIPE_EVENTS = 25
-
-
-def search_organizations(
-    term: str = "", limit: int = ORGANIZATIONS_PER_PAGE
-) -> list[tuple[Organization, Invoice | None]]:
-    """Organizations whose slug or name contains `term` (any case), each with its
-    open invoice, by name."""
-    query = (
-        select(Organization, Invoice)
-        .outerjoin(Invoice, (Invoice.organization_id == Organization.id) & (Invoice.status == "open"))
-        .order_by(Organization.name, Organization.id)
-        .limit(limit)
-    )
-    term = term.strip()
-    if term:
-        query = query.where(or_(Organization.slug.icontains(term, autoescape=True),
-                                Organization.name.icontains(term, autoescape=True)))
-    return [tuple(row) for row in db.session.execute(query).all()]
+RECENT_INVOICES = 36
+RECENT_SERVICES = 50
+RECENT_AUDIT = 25
+DISCREPANCIES_PER_PAGE = 50
 
 
 def unsynced_invoice_count() -> int:
@@ -53,53 +40,75 @@ def organization_by_slug(slug: str) -> Organization | None:
 
 
 @dataclass
+class Page:
+    """One page of a longer list, newest first: `has_next` when older rows follow."""
+
+    rows: list
+    page: int
+    has_next: bool
+
+
+def paged(query, page: int, per_page: int) -> Page:
+    """Run `query` (ordered) for one page: `per_page` rows and whether more follow."""
+    page = max(page, 1)
+    rows = list(db.session.scalars(query.offset((page - 1) * per_page).limit(per_page + 1)))
+    return Page(rows[:per_page], page, len(rows) > per_page)
+
+
+@dataclass
 class OrganizationOverview:
     organization: Organization
+    customer: BillingOverview
     invoices: list[Invoice]
     open_invoice: Invoice | None
-    sync_runs: list[SyncRun]
-    stripe_events: list[StripeEvent]
+    sync_runs: Page
+    stripe_events: Page
+    services: list[ServiceAttachment]
+    credits: list[InvoiceItem]
+    audit: list[AuditEntry]
 
 
-def organization_overview(organization: Organization) -> OrganizationOverview:
-    """Everything the support page of one organization shows."""
+def organization_overview(organization: Organization, sync_page: int = 1, events_page: int = 1) -> OrganizationOverview:
+    """Everything the support page of one organization shows: what its customer sees,
+    then its invoices, sync runs and Stripe events (a page each), services history,
+    credits and its newest audit entries. A fixed number of queries."""
+    customer = billing_overview(organization)
     invoices = list(
         db.session.scalars(
             select(Invoice)
             .where(Invoice.organization_id == organization.id)
             .order_by(Invoice.period_start.desc(), Invoice.id.desc())
+            .limit(RECENT_INVOICES)
         )
     )
-    open_invoice = db.session.scalar(
-        select(Invoice)
-        .where(Invoice.organization_id == organization.id, Invoice.status == "open")
-        .options(selectinload(Invoice.items).joinedload(InvoiceItem.product))
-        .execution_options(populate_existing=True)
-    )
-    sync_runs = list(
+    sync_runs = paged(
+        select(SyncRun)
+        .join(Invoice, Invoice.id == SyncRun.invoice_id)
+        .where(Invoice.organization_id == organization.id)
+        .order_by(SyncRun.started_at.desc(), SyncRun.id.desc()),
+        sync_page, RECENT_SYNC_RUNS)
+    services = list(
         db.session.scalars(
-            select(SyncRun)
-            .join(Invoice, Invoice.id == SyncRun.invoice_id)
-            .where(Invoice.organization_id == organization.id)
-            .order_by(SyncRun.started_at.desc(), SyncRun.id.desc())
-            .limit(RECENT_SYNC_RUNS)
+            select(ServiceAttachment)
+            .where(ServiceAttachment.organization_id == organization.id)
+            .options(joinedload(ServiceAttachment.product))
+            .order_by(ServiceAttachment.attached_at.desc(), ServiceAttachment.id.desc())
+            .limit(RECENT_SERVICES)
         )
     )
-    return OrganizationOverview(organization, invoices, open_invoice, sync_runs,
-                                stripe_events_of_organization(organization.id))
+    return OrganizationOverview(organization, customer, invoices, customer.current, sync_runs,
+                                stripe_events_of_organization(organization, events_page), services,
+                                credit_items(organization), audit_of_organization(organization))
 
 
-def stripe_events_of_organization(organization_id: int, limit: int = RECENT_STRIPE_EVENTS) -> list[StripeEvent]:
-    """The newest Stripe events about the organization (its customer, its invoices),
-    by the indexed `organization_id` the event was given when stored."""
-    return list(
-        db.session.scalars(
-            select(StripeEvent)
-            .where(StripeEvent.organization_id == organization_id)
-            .order_by(StripeEvent.received_at.desc(), StripeEvent.id.desc())
-            .limit(limit)
-        )
-    )
+def stripe_events_of_organization(organization: Organization, page: int = 1) -> Page:
+    """A page of the Stripe events about the organization (its customer, its invoices),
+    newest first, by the indexed `organization_id` the event was given when stored."""
+    return paged(
+        select(StripeEvent)
+        .where(StripeEvent.organization_id == organization.id)
+        .order_by(StripeEvent.received_at.desc(), StripeEvent.id.desc()),
+        page, RECENT_STRIPE_EVENTS)
 
 
 def stripe_events_of_invoice(invoice_id: int, limit: int = RECENT_STRIPE_EVENTS) -> list[StripeEvent]:
@@ -115,6 +124,15 @@ def stripe_events_of_invoice(invoice_id: int, limit: int = RECENT_STRIPE_EVENTS)
     )
 
 
+def audit_of_organization(organization: Organization, limit: int = RECENT_AUDIT) -> list[AuditEntry]:
+    return list(db.session.scalars(
+        select(AuditEntry)
+        .where(AuditEntry.organization_id == organization.id)
+        .order_by(AuditEntry.created_at.desc(), AuditEntry.id.desc())
+        .limit(limit)
+    ))
+
+
 @dataclass
 class Discrepancy:
     invoice: Invoice
@@ -123,7 +141,8 @@ class Discrepancy:
     reasons: list[str] = field(default_factory=list)
 
 
-def discrepancies(now: datetime | None = None) -> list[Discrepancy]:
+def discrepancies(now: datetime | None = None, page: int = 1,
+                  per_page: int = DISCREPANCIES_PER_PAGE) -> tuple[list[Discrepancy], bool]:
     """Open and closing invoices whose sync needs a look: blocked; or the last
     finished sync did not end synced/unchanged; or changes have waited for Stripe
     longer than PENDING_TOO_LONG. One query.
@@ -132,7 +151,8 @@ def discrepancies(now: datetime | None = None) -> list[Discrepancy]:
     run that held the lock is the one that tells. How long changes have waited:
     from the oldest item changed since the last good sync started (an item changed
     twice counts from its latest change, so this errs towards "not yet"), or, when
-    no such item is found, from that sync's start (or the invoice's creation)."""
+    no such item is found, from that sync's start (or the invoice's creation).
+    One page of them, by invoice id, and whether more follow."""
     now = now or utcnow()
     last_finished_id = (
         select(SyncRun.id)
@@ -164,6 +184,10 @@ def discrepancies(now: datetime | None = None) -> list[Discrepancy]:
         .outerjoin(last_run, last_run.id == last_finished_id)
         .where(
             Invoice.status.in_(SYNCABLE_STATUSES),
+            # Candidates first, from the invoice's own columns (indexed), so the runs and
+            # items are looked at only for the few invoices that can be a problem.
+            or_(Invoice.sync_blocked.is_not(None), Invoice.last_sync_outcome.not_in(GOOD_OUTCOMES),
+                Invoice.change_seq > Invoice.synced_seq),
             or_(
                 Invoice.sync_blocked.is_not(None),
                 and_(last_run.id.is_not(None), last_run.outcome.not_in(GOOD_OUTCOMES)),
@@ -172,9 +196,11 @@ def discrepancies(now: datetime | None = None) -> list[Discrepancy]:
         )
         .options(joinedload(Invoice.organization))
         .order_by(Invoice.id)
+        .offset((max(page, 1) - 1) * per_page)
+        .limit(per_page + 1)
     ).all()
     found = []
-    for invoice, run, since in rows:
+    for invoice, run, since in rows[:per_page]:
         entry = Discrepancy(invoice, run, since)
         if invoice.sync_blocked:
             entry.reasons.append(f"sync blocked: {invoice.sync_blocked}")
@@ -184,7 +210,7 @@ def discrepancies(now: datetime | None = None) -> list[Discrepancy]:
             entry.reasons.append("changes waiting for Stripe for more than "
                                  f"{int(PENDING_TOO_LONG.total_seconds() // 60)} minutes")
         found.append(entry)
-    return found
+    return found, len(rows) > per_page
 
 
 def failed_stripe_events(limit: int = 200) -> list[StripeEvent]:
@@ -229,3 +255,8 @@ def portal_refusals(since: timedelta = timedelta(days=7), limit: int = 20) -> li
             .limit(limit)
         )
     )
+
+
+def open_invoice_of(organization: Organization) -> Invoice | None:
+    return db.session.scalar(
+        select(Invoice).where(Invoice.organization_id == organization.id, Invoice.status == "open"))

@@ -43,6 +43,7 @@ from sqlalchemy import select
 from portal.admin import queries
 from portal.admin.actions import ActionRefused
 from portal.admin.routes import bp, support_required
+from portal.audit import record_support_action
 from portal.billing.drift import drift_found
 from portal.billing.events import enqueue_processing
 from portal.billing.sync import SYNCABLE_STATUSES
@@ -61,25 +62,6 @@ FAILED_JOBS_SHOWN = 100
 
 
 # --- the audit entry -----------------------------------------------------------------
-
-
-def record_support_action(actor: User, action: str, organization: Organization | None = None,
-                          invoice: Invoice | None = None, reason: str = "", detail: dict | None = None) -> AuditEntry:
-    """Add the audit entry of a support action to the session (the caller commits)."""
-    if invoice is not None:
-        object_type, object_id = "invoice", invoice.id
-        organization = organization or invoice.organization
-    elif organization is not None:
-        object_type, object_id = "organization", organization.id
-    else:
-        object_type, object_id = "system", "-"
-    details = {"reason": reason, **(detail or {})}
-    if organization is not None:
-        details["organization"] = organization.slug
-    entry = AuditEntry(actor_user_id=actor.id, actor=actor.email, action=action, object_type=object_type,
-                       object_id=str(object_id), details=details)
-    db.session.add(entry)
-    return entry
 
 
 # --- the actions -------------------------------------------------------------------------
@@ -151,7 +133,15 @@ def _commit_then_enqueue(entry: AuditEntry, done: str, enqueues: list[Callable[[
         result.jobs = [enqueue() for enqueue in enqueues]
     except (RedisError, InvalidJobOperation, NoSuchJobError) as error:  # Redis down; a job requeued meanwhile
         result.enqueue_error = f"{type(error).__name__}: {error}"
-    entry.details = {**entry.details, "jobs": result.jobs, "enqueue_error": result.enqueue_error}
+    if result.enqueue_error is not None:
+        # The audit is append-only: the failure to queue is an entry of its own.
+        actor = db.session.get(User, entry.actor_user_id) if entry.actor_user_id else entry.actor
+        record_support_action(actor, "job.enqueue_failed",
+                              organization=db.session.get(Organization, entry.organization_id)
+                              if entry.organization_id else None,
+                              invoice=db.session.get(Invoice, entry.invoice_id) if entry.invoice_id else None,
+                              detail={"audit_entry_id": entry.id, "for_action": entry.action,
+                                      "error": result.enqueue_error})
     db.session.commit()
     return result
 
@@ -347,6 +337,9 @@ class StuckInvoice:
         self.recoveries.extend(r for r in recoveries if r not in self.recoveries)
 
 
+STUCK_LISTED = 200  # the recovery page lists at most this many invoices from each source
+
+
 def stuck_invoices(organization: Organization | None = None, now: datetime | None = None) -> list[StuckInvoice]:
     """Open and closing invoices in a state that needs a recovery, each with the
     states found and the recoveries that answer them."""
@@ -356,14 +349,15 @@ def stuck_invoices(organization: Organization | None = None, now: datetime | Non
     def entry(invoice: Invoice) -> StuckInvoice:
         return found.setdefault(invoice.id, StuckInvoice(invoice))
 
-    for discrepancy in queries.discrepancies(now):
+    rows, _more = queries.discrepancies(now, per_page=STUCK_LISTED)
+    for discrepancy in rows:
         invoice = discrepancy.invoice
         if invoice.sync_blocked:
             entry(invoice).add(f"sync blocked: {invoice.sync_blocked}", "clear-block")
         run = discrepancy.last_sync
         if run is not None and run.outcome not in queries.GOOD_OUTCOMES:
             entry(invoice).add(f"last sync: {run.outcome.replace('_', ' ')}", "retry-sync")
-    for check in drift_found(limit=200):
+    for check in drift_found(limit=STUCK_LISTED):
         recovery = {"draft_missing": "recreate-draft", "customer_missing": "recreate-customer",
                     "not_draft": "retry-sync"}.get(check.outcome)
         if recovery:

@@ -6,7 +6,7 @@ from decimal import Decimal
 
 from flask import Blueprint, current_app, g, jsonify, request
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import selectinload
 from werkzeug.exceptions import HTTPException
 
@@ -16,7 +16,7 @@ from portal.api.errors import ApiError, error_response
 from portal.api.serializers import invoice_json, service_json
 from portal.billing.invoices import ensure_open_invoice
 from portal.billing.services import ServiceError, attach_service, change_quantity, detach_service
-from portal.billing.usage import MAX_BATCH_EVENTS, BatchRejected, EventConflict, ingest_usage
+from portal.billing.usage import MAX_BATCH_EVENTS, BatchRejected, EventConflict, ingest_usage, record_conflicts
 from portal.database import retry_on_deadlock
 from portal.extensions import db
 from portal.models import Invoice, InvoiceItem, Organization, Product, ServiceAttachment, SyncRun
@@ -149,6 +149,13 @@ def report_usage():
         raise ApiError(422, "invalid_events", f"{len(rejected.problems)} invalid event(s); nothing was stored",
                        rejected.problems) from None
     except EventConflict as conflict:
+        db.session.rollback()
+        try:
+            if record_conflicts(conflict):  # support sees each refused resend on the accepted event
+                db.session.commit()
+        except SQLAlchemyError:  # the refusal stands; only support's record of it is lost
+            db.session.rollback()
+            current_app.logger.exception("could not record refused resends")
         raise ApiError(409, "conflicting_events",
                        f"{len(conflict.conflicts)} event id(s) reused with different content; nothing was stored",
                        conflict.conflicts) from None

@@ -7,6 +7,7 @@ from flask_login import current_user, login_required, login_user, logout_user
 from sqlalchemy import func, select
 
 from portal import passwords
+from portal.audit import record_support_action
 from portal.auth.forms import LoginForm
 from portal.extensions import db, login_manager
 from portal.models import User
@@ -48,6 +49,9 @@ def login():
             return render_template("auth/login.html", form=form), 401
         if user.password_needs_rehash():
             user.rehash_password(form.password.data)  # an older scheme or cost: argon2id now
+            db.session.commit()
+        if user.is_support:  # support's sign-ins are part of the audit of what support did
+            record_support_action(user, "support.sign_in", detail={"remote_addr": request.remote_addr})
             db.session.commit()
         login_user(user)
         target = request.args.get("next", "")

@@ -11,12 +11,13 @@ from __future__ import annotations
 from decimal import Decimal
 from uuid import uuid4
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import contains_eager
 
 from portal import money
 from portal.billing.invoices import ensure_open_invoice
-from portal.billing.pricing import set_item
+from portal.billing.pricing import mark_changed, set_item
 from portal.extensions import db
 from portal.models import Invoice, InvoiceItem, Organization, Product
 from portal.text import has_control_characters
@@ -94,3 +95,37 @@ def add_credit(organization: Organization, amount_in_dollars: object, reason: st
     return db.session.scalar(
         select(InvoiceItem).where(InvoiceItem.invoice_id == invoice.id, InvoiceItem.line_key == key)
     )
+
+
+def credit_items(organization: Organization, limit: int = 100) -> list[InvoiceItem]:
+    """The organization's credits, newest first, with their invoices."""
+    return list(db.session.scalars(
+        select(InvoiceItem)
+        .join(Invoice, Invoice.id == InvoiceItem.invoice_id)
+        .join(Product, Product.id == InvoiceItem.product_id)
+        .where(Invoice.organization_id == organization.id, Product.kind == "credit")
+        .options(contains_eager(InvoiceItem.invoice), contains_eager(InvoiceItem.product))
+        .order_by(InvoiceItem.id.desc())
+        .limit(limit)
+    ))
+
+
+def remove_credit(item: InvoiceItem) -> int:
+    """Take a credit off its invoice while that invoice is open: the line goes, the
+    total rises by the credit, the invoice is marked unsynced (the next sync removes
+    the line at Stripe). Returns the credit's amount in cents (positive). Raises
+    CreditError, changing nothing, for a line that is not a credit or an invoice that
+    is no longer open (its credit is at Stripe for good). The caller commits."""
+    if item.product.kind != "credit":
+        raise CreditError(f"line #{item.id} is not a credit")
+    # Locked: a close cannot claim the invoice between this check and the commit.
+    status = db.session.scalar(select(Invoice.status).where(Invoice.id == item.invoice_id).with_for_update())
+    if status != "open":
+        raise CreditError(f"invoice #{item.invoice_id} is {status}: a credit can only be removed "
+                          "while its invoice is open")
+    cents = -item.amount_cents
+    invoice_id = item.invoice_id
+    db.session.execute(delete(InvoiceItem).where(InvoiceItem.id == item.id))
+    mark_changed(invoice_id, cents)
+    db.session.expunge(item)
+    return cents

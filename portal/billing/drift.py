@@ -268,6 +268,13 @@ def drift_found(limit: int = 20) -> list[DriftCheck]:
     ))
 
 
+def drift_found_organizations():
+    """A select of the organizations with such an invoice (for support's filter)."""
+    return (select(Invoice.organization_id).select_from(DriftCheck)
+            .join(Invoice, Invoice.id == DriftCheck.invoice_id)
+            .where(Invoice.status.in_(SYNCABLE_STATUSES), _standing_problem()))
+
+
 def drift_found_count() -> int:
     return db.session.scalar(
         select(func.count()).select_from(DriftCheck).join(Invoice, Invoice.id == DriftCheck.invoice_id)

@@ -432,11 +432,14 @@ def _sync_locked(invoice_id: int, record: SyncRun, stripe: StripeGateway | None,
             raise LookupError(f"no invoice {invoice_id}")
         # We hold the lock: a run of this invoice still without an outcome died (its
         # process was killed) and will never record one.
-        db.session.execute(
+        died = db.session.execute(
             update(SyncRun).where(SyncRun.invoice_id == invoice_id, SyncRun.finished_at.is_(None))
             .values(outcome="died", finished_at=utcnow(),
                     error="its process ended before the run finished (killed, or its machine lost)")
             .execution_options(synchronize_session=False))
+        if died.rowcount:
+            db.session.execute(update(Invoice).where(Invoice.id == invoice_id).values(last_sync_outcome="died")
+                               .execution_options(synchronize_session=False))
         db.session.add(record)
         db.session.commit()
         if invoice.status not in SYNCABLE_STATUSES:
@@ -527,6 +530,9 @@ def _finish(record: SyncRun, outcome: str, error: str | None, stripe: StripeGate
     if stripe is not None:
         record.stripe_reads, record.stripe_writes = stripe.counts.reads, stripe.counts.writes
     db.session.add(record)
+    if outcome != "locked":  # a run that found the lock taken did nothing: the holder's run tells
+        db.session.execute(update(Invoice).where(Invoice.id == record.invoice_id)
+                           .values(last_sync_outcome=outcome).execution_options(synchronize_session=False))
     db.session.commit()
     record_sync(outcome, (record.finished_at - record.started_at).total_seconds())
     return record

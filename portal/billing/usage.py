@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 
 from flask import current_app, has_app_context
-from sqlalchemy import BigInteger, String, and_, any_, bindparam, or_, select
+from sqlalchemy import BigInteger, String, and_, any_, bindparam, insert, or_, select
 from sqlalchemy.dialects import postgresql
 
 from portal import money
@@ -31,7 +31,7 @@ from portal.billing.invoices import ensure_open_invoice
 from portal.billing.placement import Placement, place_usage
 from portal.billing.pricing import InvoiceNoLongerOpen, ItemDelta, add_quantities, line_key
 from portal.extensions import db
-from portal.models import Invoice, Organization, Product, UsageEvent
+from portal.models import Invoice, Organization, Product, UsageEvent, UsageEventResend
 from portal.models.types import utcnow
 from portal.text import has_control_characters
 
@@ -63,9 +63,12 @@ class EventConflict(Exception):
     resend must be identical to count as a duplicate. `conflicts` lists them by index
     with the fields that differ. Raised before the caller commits: roll back."""
 
-    def __init__(self, conflicts: list[dict]):
+    def __init__(self, conflicts: list[dict], sender: str | None = None):
         super().__init__(f"{len(conflicts)} event id(s) reused with different content")
         self.conflicts = conflicts
+        # Set when the ids were accepted earlier from `sender`: the refusal is then
+        # recorded against those events (`record_conflicts`, after the rollback).
+        self.sender = sender
 
 
 @dataclass
@@ -302,6 +305,11 @@ def ingest_usage(sender: str, events: object, now: datetime | None = None) -> In
         _hold_open(placements, unplaced)
     result.accepted = len(inserted)
     result.duplicates = len(batch) - result.accepted
+    if result.duplicates:
+        # Every copy but the one stored: an id accepted before, or repeated in the batch.
+        _record_resends(sender, "duplicate", [(event.event_id, "") for event in batch
+                                              if event.event_id not in inserted or unique[event.event_id] is not event],
+                        now)
 
     added: dict[tuple, Decimal] = {}
     for event_id in inserted:
@@ -344,7 +352,25 @@ def _refuse_conflicting_resends(sender: str, resent: list[_Event]) -> None:
                  for event_id, event in by_id.items() if event_id in stored and stored[event_id] != event.content()]
     if conflicts:
         conflicts.sort(key=lambda conflict: conflict["index"])
-        raise EventConflict(conflicts)
+        raise EventConflict(conflicts, sender)
+
+
+def _record_resends(sender: str, decision: str, resends: list[tuple[str, str]], now: datetime) -> None:
+    """Record resends of accepted ids ((event id, fields that differed)) for support."""
+    db.session.execute(insert(UsageEventResend), [
+        {"sender": sender, "event_id": event_id, "decision": decision, "fields": fields[:200], "received_at": now}
+        for event_id, fields in resends])
+
+
+def record_conflicts(refused: EventConflict, now: datetime | None = None) -> int:
+    """After the rollback of a batch refused for reusing accepted ids with different
+    content: record each refusal against the accepted event, for support's drill-down.
+    Returns how many were recorded; the caller commits."""
+    if refused.sender is None:
+        return 0
+    resends = [(conflict["id"], ", ".join(conflict.get("fields", []))) for conflict in refused.conflicts]
+    _record_resends(refused.sender, "conflict", resends, now or utcnow())
+    return len(resends)
 
 
 def _placements(organizations: dict[int, _Org], earliest: datetime, latest: datetime,

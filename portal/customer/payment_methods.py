@@ -56,7 +56,7 @@ def payment_portal_url(organization: Organization, return_url: str, _recovered: 
         # as the default in the Dashboard, or STRIPE_PORTAL_CONFIGURATION names a wrong
         # one). Support is told; the customer is not asked to retry.
         db.session.add(AuditEntry(actor="portal", action=PORTAL_REFUSED, object_type="organization",
-                                  object_id=str(organization.id),
+                                  object_id=str(organization.id), organization_id=organization.id,
                                   details={"configuration": configuration, "stripe": str(refused)[:1000]}))
         db.session.commit()
         raise PaymentPortalUnavailable(

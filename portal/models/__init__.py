@@ -11,7 +11,7 @@ from portal.models.billing import (
 from portal.models.catalog import Product
 from portal.models.drift import DriftCheck, DriftSweepCursor
 from portal.models.stripe_events import StripeEvent, StripeWrite
-from portal.models.usage import ServiceAttachment, UsageEvent
+from portal.models.usage import ServiceAttachment, UsageEvent, UsageEventResend
 
 __all__ = [
     "ALERT_KINDS",
@@ -32,5 +32,6 @@ __all__ = [
     "StripeWrite",
     "SyncRun",
     "UsageEvent",
+    "UsageEventResend",
     "User",
 ]

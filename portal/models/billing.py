@@ -31,6 +31,19 @@ def _in(column: str, values: tuple[str, ...]) -> str:
     return f"{column} IN ({', '.join(repr(v) for v in values)})"
 
 
+# Predicates of partial indexes; queries repeat them as SQL text so that the planner
+# can match them (bound parameters would not).
+ACTIVE_INVOICE = "status IN ('open', 'closing')"
+PAYMENT_FAILED = "status = 'finalized' AND (payment_attempts > 0 OR payment_problem IS NOT NULL)"
+OPEN_NEGATIVE = "status = 'open' AND total_cents < 0"
+SYNC_FAILING = "status IN ('open', 'closing') AND last_sync_outcome NOT IN ('synced', 'unchanged')"
+
+
+def _partial_index(name: str, columns: str | list[str], where: str) -> Index:
+    columns = [columns] if isinstance(columns, str) else columns
+    return Index(name, *columns, postgresql_where=text(where), sqlite_where=text(where))
+
+
 class Invoice(db.Model):
     __tablename__ = "invoices"
     __table_args__ = (
@@ -53,6 +66,12 @@ class Invoice(db.Model):
             postgresql_where=text("change_seq > synced_seq"),
             sqlite_where=text("change_seq > synced_seq"),
         ),
+        # Support's filters (portal/admin/filters.py), each a small partial index.
+        _partial_index("ix_invoices_sync_blocked", "id", "sync_blocked IS NOT NULL"),
+        _partial_index("ix_invoices_active_period_end", "period_end", ACTIVE_INVOICE),
+        _partial_index("ix_invoices_payment_failed", "period_end", PAYMENT_FAILED),
+        _partial_index("ix_invoices_open_negative", "organization_id", OPEN_NEGATIVE),
+        _partial_index("ix_invoices_sync_failing", "organization_id", SYNC_FAILING),
     )
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
@@ -90,6 +109,9 @@ class Invoice(db.Model):
     payment_problem: Mapped[str | None] = mapped_column(String(32))
     # Stripe could not finalize the draft on its own (`invoice.finalization_failed`).
     finalization_error: Mapped[str | None] = mapped_column(Text)
+    # The outcome of the latest finished sync run that did not find the invoice locked
+    # (written with the run), so support's "sync failing" filter is one small index.
+    last_sync_outcome: Mapped[str | None] = mapped_column(String(32))
 
     organization: Mapped[Organization] = relationship()
     items: Mapped[list[InvoiceItem]] = relationship(
@@ -146,6 +168,7 @@ class SyncRun(db.Model):
     __table_args__ = (
         CheckConstraint(_in("trigger", SYNC_TRIGGERS), name="trigger_known"),
         Index("ix_sync_runs_invoice_started", "invoice_id", "started_at"),
+        _partial_index("ix_sync_runs_noted", ["invoice_id", "started_at"], "note IS NOT NULL"),
     )
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)

@@ -22,6 +22,8 @@ class UsageEvent(db.Model):
         UniqueConstraint("sender", "event_id", name="uq_usage_events_sender_event_id"),
         CheckConstraint("quantity >= 0", name="quantity_non_negative"),
         Index("ix_usage_events_org_occurred", "organization_id", "occurred_at"),
+        # The events priced into one invoice line (support's drill-down).
+        Index("ix_usage_events_invoice_line", "invoice_id", "product_id", "resource", "occurred_at"),
     )
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
@@ -38,6 +40,29 @@ class UsageEvent(db.Model):
 
     organization: Mapped[Organization] = relationship()
     product: Mapped[Product] = relationship()
+
+
+USAGE_RESEND_DECISIONS = ("duplicate", "conflict")
+
+
+class UsageEventResend(db.Model):
+    """A usage event id received again after it was accepted: a `duplicate` (the same
+    event, changing nothing) or a `conflict` (the id reused with different content,
+    refused with its batch; `fields` names what differed). The accepted event itself
+    is its UsageEvent row; these rows tell support what happened to every resend."""
+
+    __tablename__ = "usage_event_resends"
+    __table_args__ = (
+        CheckConstraint("decision IN ('duplicate', 'conflict')", name="decision_known"),
+        Index("ix_usage_event_resends_sender_event", "sender", "event_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True)
+    sender: Mapped[str] = mapped_column(String(64))
+    event_id: Mapped[str] = mapped_column(String(255))
+    decision: Mapped[str] = mapped_column(String(16))
+    fields: Mapped[str] = mapped_column(String(200), default="")
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class ServiceAttachment(db.Model):
