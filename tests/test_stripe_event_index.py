@@ -17,7 +17,7 @@ from tests.test_migrations import flask
 from tests.webhook_helpers import SECRET, event_body, post_event, sign
 
 ROOT = Path(__file__).resolve().parent.parent
-MIGRATION = ROOT / "migrations" / "versions" / "0010_stripe_event_subjects.py"
+MIGRATION = ROOT / "migrations" / "versions" / "0008_stripe_event_subjects.py"
 
 
 @pytest.fixture(autouse=True)
@@ -111,7 +111,7 @@ def test_an_event_added_through_the_orm_is_named_too(db, billed):
 
 
 def _load_migration():
-    spec = importlib.util.spec_from_file_location("migration_0010", MIGRATION)
+    spec = importlib.util.spec_from_file_location("migration_0008", MIGRATION)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -1,7 +1,7 @@
 """Stripe events name their organization and invoice in indexed columns
 
-Revision ID: 0010
-Revises: 0009
+Revision ID: 0008
+Revises: 0007
 Create Date: 2026-11-26 15:00:00.000000
 
 Support found an organization's events by searching the JSON payload of every stored
@@ -16,8 +16,8 @@ import sqlalchemy as sa
 
 
 # revision identifiers, used by Alembic.
-revision = '0010'
-down_revision = '0009'
+revision = '0008'
+down_revision = '0007'
 branch_labels = None
 depends_on = None
 

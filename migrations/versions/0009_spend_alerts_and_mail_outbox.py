@@ -1,7 +1,7 @@
 """spend alerts and mail outbox
 
-Revision ID: 0007
-Revises: 0010
+Revision ID: 0009
+Revises: 0008
 Create Date: 2026-11-26 14:39:26.330872
 
 Owners' thresholds on the open invoice's total and on its projection; each crossing
@@ -14,8 +14,8 @@ import portal.models.types
 
 
 # revision identifiers, used by Alembic.
-revision = '0007'
-down_revision = '0010'
+revision = '0009'
+down_revision = '0008'
 branch_labels = None
 depends_on = None
 

@@ -1,6 +1,6 @@
 """drift: the last comparison of each open invoice with its Stripe draft
 
-Revision ID: 0009
+Revision ID: 0007
 Revises: 0006
 Create Date: 2026-11-26 14:37:56.596098
 
@@ -16,7 +16,7 @@ import portal.models.types
 
 
 # revision identifiers, used by Alembic.
-revision = '0009'
+revision = '0007'
 down_revision = '0006'
 branch_labels = None
 depends_on = None

@@ -1,7 +1,7 @@
 """support console: indexed search and filters, resends of usage events, an append-only audit
 
-Revision ID: 0008
-Revises: 0007
+Revision ID: 0010
+Revises: 0009
 Create Date: 2026-11-28 12:00:00.000000
 
 Invoices keep the outcome of their latest sync run (written with the run, backfilled
@@ -23,8 +23,8 @@ import portal.models.types
 
 
 # revision identifiers, used by Alembic.
-revision = '0008'
-down_revision = '0007'
+revision = '0010'
+down_revision = '0009'
 branch_labels = None
 depends_on = None
 
