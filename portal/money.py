@@ -134,6 +134,19 @@ def prorated_amount(
     return round_cents(exact)
 
 
+def extrapolated_amount(priced_quantities: Iterable[tuple[Decimal, Decimal]], basis_seconds: int,
+                        ahead_seconds: int) -> int:
+    """A run rate carried forward: the exact cost of (quantity, unit price) pairs used
+    over `basis_seconds`, scaled to `ahead_seconds`, rounded once. Zero when there is
+    no basis or nothing ahead (an estimate, never billed)."""
+    if basis_seconds <= 0 or ahead_seconds <= 0:
+        return 0
+    exact = Decimal(0)
+    for quantity_used, unit_price_cents in priced_quantities:
+        exact = _CONTEXT.add(exact, _CONTEXT.multiply(quantity_used, unit_price_cents))
+    return round_cents(_CONTEXT.divide(_CONTEXT.multiply(exact, Decimal(ahead_seconds)), Decimal(basis_seconds)))
+
+
 def seconds_between(start: datetime, end: datetime) -> int:
     """Whole seconds from start to end (never negative)."""
     return max(0, int((end - start).total_seconds()))

@@ -10,8 +10,10 @@ quantity, from the same instant: each span is charged at its own quantity.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from functools import partial
 
 from sqlalchemy import or_, select
 
@@ -20,7 +22,7 @@ from portal.billing.cycles import cycle_containing
 from portal.billing.invoices import ensure_open_invoice
 from portal.billing.pricing import set_item
 from portal.extensions import db
-from portal.models import Invoice, Organization, Product, ServiceAttachment
+from portal.models import Invoice, InvoiceItem, Organization, Product, ServiceAttachment
 from portal.models.types import utcnow
 
 
@@ -32,21 +34,39 @@ def _key(attachment: ServiceAttachment) -> str:
     return f"{attachment.product.code}|{attachment.resource}|svc:{attachment.id}"
 
 
-def _charge(attachment: ServiceAttachment, invoice: Invoice) -> bool:
-    start = max(attachment.attached_at, invoice.period_start)
-    end = min(attachment.detached_at or invoice.period_end, invoice.period_end)
+def service_charge_cents(product: Product, quantity: Decimal, start: datetime, end: datetime, *,
+                         invoice: Invoice, anchor_day: int) -> int:
+    """What `quantity` of the recurring `product` costs on `invoice` for the span
+    [start, end), clipped to the invoice's period: the one formula services are billed
+    by, also used to quote an attachment and to project the rest of a period."""
+    start = max(start, invoice.period_start)
+    end = min(end, invoice.period_end)
     seconds = money.seconds_between(start, end)
     # The price is per cycle; an invoice cut short by "close cycle now" covers part of one.
-    cycle_start, cycle_end = cycle_containing(invoice.period_start, attachment.organization.cycle_anchor_day)
-    amount = money.prorated_amount(
-        attachment.quantity, attachment.product.unit_price, seconds,
-        money.seconds_between(cycle_start, cycle_end),
-    )
+    cycle_start, cycle_end = cycle_containing(invoice.period_start, anchor_day)
+    return money.prorated_amount(quantity, product.unit_price, seconds,
+                                 money.seconds_between(cycle_start, cycle_end))
+
+
+def _charge(attachment: ServiceAttachment, invoice: Invoice) -> bool:
+    start = max(attachment.attached_at, invoice.period_start)
+    amount = service_charge_cents(attachment.product, attachment.quantity, attachment.attached_at,
+                                  attachment.detached_at or invoice.period_end, invoice=invoice,
+                                  anchor_day=attachment.organization.cycle_anchor_day)
     until = f"{attachment.detached_at:%Y-%m-%d %H:%M}" if attachment.detached_at else "end of cycle"
     label = attachment.product.name + (f" ({attachment.resource})" if attachment.resource else "")
     description = f"{label}, from {start:%Y-%m-%d %H:%M} to {until} UTC"
     return set_item(invoice.id, attachment.product, _key(attachment), resource=attachment.resource,
                     description=description, quantity=attachment.quantity, amount_cents=amount)
+
+
+def charged_cents(attachment: ServiceAttachment, invoice: Invoice) -> int:
+    """What the invoice charges for the attachment now (0 if nothing)."""
+    amount = db.session.scalar(
+        select(InvoiceItem.amount_cents).where(InvoiceItem.invoice_id == invoice.id,
+                                               InvoiceItem.line_key == _key(attachment))
+    )
+    return amount or 0
 
 
 def attach_service(organization: Organization, product: Product, quantity: Decimal, resource: str,
@@ -104,3 +124,61 @@ def charge_services(invoice: Invoice) -> int:
         )
     )
     return sum(_charge(attachment, invoice) for attachment in attachments)
+
+
+def attachable_products() -> list[Product]:
+    """The catalog's services a customer may attach (recurring and still sold)."""
+    return list(db.session.scalars(
+        select(Product).where(Product.kind == "recurring", Product.active.is_(True)).order_by(Product.name)
+    ))
+
+
+@dataclass(frozen=True)
+class ServiceQuote:
+    """What a change to the services does to the open invoice, in integer cents, by
+    the formula that bills it (`service_charge_cents`)."""
+
+    amount_cents: int  # the attachment's charge on the open invoice after the change
+    change_cents: int  # how the invoice's total moves (negative: it goes down)
+    until: datetime  # the end of the period the charge runs to
+    currency: str
+
+
+def quote_attachment(organization: Organization, product: Product, quantity: Decimal,
+                     now: datetime | None = None) -> ServiceQuote:
+    """What attaching `quantity` of `product` now costs for the rest of the period.
+    Reads only; raises ServiceError for what `attach_service` would refuse."""
+    now = now or utcnow()
+    if product.kind != "recurring" or not product.active:
+        raise ServiceError(f"product {product.code!r} is not a service that can be attached")
+    if quantity <= 0:
+        raise ServiceError("quantity must be greater than zero")
+    invoice = _open_or_next(organization, now)
+    amount = service_charge_cents(product, quantity, now, invoice.period_end, invoice=invoice,
+                                  anchor_day=organization.cycle_anchor_day)
+    return ServiceQuote(amount, amount, invoice.period_end, invoice.currency)
+
+
+def quote_detachment(attachment: ServiceAttachment, now: datetime | None = None) -> ServiceQuote:
+    """What detaching now takes off the open invoice (the rest of the period's charge)."""
+    now = now or utcnow()
+    if attachment.detached_at is not None:
+        raise ServiceError("the service is detached already")
+    organization = attachment.organization
+    invoice = _open_or_next(organization, now)
+    charge = partial(service_charge_cents, attachment.product, attachment.quantity, attachment.attached_at,
+                     invoice=invoice, anchor_day=organization.cycle_anchor_day)
+    whole, kept = charge(invoice.period_end), charge(max(now, attachment.attached_at))
+    return ServiceQuote(kept, kept - whole, invoice.period_end, invoice.currency)
+
+
+def _open_or_next(organization: Organization, now: datetime) -> Invoice:
+    """The open invoice, or (unsaved) the one `attach_service` would open."""
+    from portal.billing.invoices import open_invoice
+
+    invoice = open_invoice(organization)
+    if invoice is None:
+        start, end = cycle_containing(now, organization.cycle_anchor_day)
+        invoice = Invoice(organization_id=organization.id, period_start=start, period_end=end,
+                          currency=organization.currency)
+    return invoice
