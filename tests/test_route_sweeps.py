@@ -15,6 +15,7 @@ from decimal import Decimal
 import pytest
 
 from portal.billing.pricing import add_quantity
+from portal.billing.sync_queue import enqueue_sync
 from tests.security_stats import record_stats
 
 STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
@@ -55,6 +56,8 @@ def two_orgs(db, make):
     values = {"own": {"slug": acme.slug, "invoice_id": mine.id}, "other": {"slug": globex.slug,
                                                                          "invoice_id": theirs.id}}
     db.session.rollback()
+    for owner in values.values():  # a "Sync now" of each organization's invoice
+        owner["job_id"] = enqueue_sync(owner["invoice_id"])
     return values
 
 

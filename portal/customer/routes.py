@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from flask import Blueprint, abort, flash, redirect, render_template, url_for
+from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
 from flask_login import current_user, login_required
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
@@ -61,9 +61,13 @@ def billing():
 @bp.get("/orgs/<slug:slug>/billing")
 @login_required
 def organization_billing(slug: str):
+    from portal.customer.live import progress_on_page
+
     organization = _organization_or_404(slug)
-    return render_template("customer/billing.html", overview=billing_overview(organization),
-                           organization=organization, role=_role_in(organization))
+    overview = billing_overview(organization)
+    return render_template("customer/billing.html", overview=overview, organization=organization,
+                           role=_role_in(organization),
+                           sync_progress=progress_on_page(organization, overview.current, request.args.get("sync")))
 
 
 @bp.post("/orgs/<slug:slug>/billing/payment-methods")
