@@ -33,7 +33,10 @@
         responsive: true,
         maintainAspectRatio: false,
         interaction: { mode: "index", intersect: false },
-        scales: { x: { stacked: true }, y: { stacked: true, beginAtZero: true } },
+        scales: {
+          x: { stacked: true },
+          y: { stacked: true, beginAtZero: true, title: { display: true, text: data.axis } }
+        },
         plugins: {
           legend: { position: "bottom", labels: { boxWidth: 12 } },
           tooltip: {

@@ -147,7 +147,7 @@ def spend_chart(invoice: Invoice, now: datetime | None = None) -> dict:
         day_totals = [a + b for a, b in zip(day_totals, cents, strict=True)]
         series.append({"product": product.name, "cents": cents,
                        "text": [money.format_money(value, invoice.currency) for value in cents]})
-    return {"days": labels, "series": series,
+    return {"days": labels, "series": series, "axis": f"{invoice.currency.upper()} per day",
             "totals": [money.format_money(value, invoice.currency) for value in day_totals]}
 
 
