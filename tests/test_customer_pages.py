@@ -248,4 +248,37 @@ def test_billing_page_queries_do_not_grow_with_items_services_or_invoices(client
     few, many = add(1), add(30)
     assert many == few, count_queries.statements
     # The chart is one grouped query and the projection three, whatever the number of lines or events.
-    assert many <= 14, "\n".join(s[:150] for s in count_queries.statements)
+    assert many <= 13, "\n".join(s[:150] for s in count_queries.statements)
+
+
+def test_live_refresh_queries_do_not_grow_with_lines_or_events(client, auth, db, make, count_queries):
+    from portal.billing.usage import ingest_usage
+
+    organization = make.organization(slug="busy")
+    make.product("machines.shared-cpu-1x", unit_price="0.0011")
+    make.open_invoice(organization)
+    make.user("ann@example.com", organization=organization)
+    auth.login("ann@example.com")
+    sent = 0
+
+    def add(n: int) -> tuple[int, int]:
+        nonlocal sent
+        events = []
+        for i in range(n):
+            sent += 1
+            events.append({"id": f"e{sent}", "organization": "busy", "product": "machines.shared-cpu-1x",
+                           "quantity": "60", "resource": f"machine-{i}", "occurred_at": utcnow().isoformat()})
+        ingest_usage("test", events)
+        db.session.commit()
+        with count_queries as counted:
+            response = client.get("/orgs/busy/billing/current", headers={"HX-Request": "true"})
+        assert response.status_code == 200
+        seen = response.get_data(as_text=True).split("seen=")[1].split('"')[0]
+        with count_queries as unchanged:
+            assert client.get(f"/orgs/busy/billing/current?seen={seen}",
+                              headers={"HX-Request": "true"}).status_code == 204
+        return counted.count, unchanged.count
+
+    few, many = add(1), add(40)
+    assert many == few, count_queries.statements
+    assert many[0] <= 11 and many[1] <= 6, many

@@ -48,15 +48,11 @@ def current_invoice_partial(slug: str):
     organization = _organization_or_404(slug)
     if not _htmx():
         return redirect(url_for("customer.organization_billing", slug=organization.slug))
-    invoice = db.session.scalar(
-        select(Invoice).where(Invoice.organization_id == organization.id, Invoice.status == "open"))
+    invoice = open_invoice_with_items(organization)
     last_sync = last_finished_sync(invoice.id) if invoice else None
     if invoice is not None and request.args.get("seen") == invoice_version(invoice, last_sync):
         return "", 204
-    view = None
-    if invoice is not None:
-        invoice = open_invoice_with_items(organization)
-        view = current_invoice(invoice, last_sync) if invoice else None
+    view = current_invoice(invoice, last_sync) if invoice else None
     return render_template("customer/_current_invoice.html", organization=organization, view=view,
                            role=_role_in(organization), live=True)
 

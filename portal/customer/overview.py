@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sqlalchemy import select
-from sqlalchemy.orm import joinedload, selectinload
+from sqlalchemy.orm import joinedload
 
 from portal.customer.current import CurrentInvoice, current_invoice
 from portal.extensions import db
@@ -45,11 +45,12 @@ def active_services(organization: Organization) -> list[ServiceAttachment]:
 
 
 def open_invoice_with_items(organization: Organization) -> Invoice | None:
-    return db.session.scalar(
+    """The open invoice with its items and their products, in one query."""
+    return db.session.scalars(
         select(Invoice)
         .where(Invoice.organization_id == organization.id, Invoice.status == "open")
-        .options(selectinload(Invoice.items).joinedload(InvoiceItem.product))
-    )
+        .options(joinedload(Invoice.items).joinedload(InvoiceItem.product))
+    ).unique().first()
 
 
 def billing_overview(organization: Organization) -> BillingOverview:
