@@ -279,3 +279,13 @@ def test_sync_now_needs_a_csrf_token(client, auth, app, billed, monkeypatch):
     page = _page(client)
     token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
     assert client.post("/orgs/initech/billing/sync", data={"csrf_token": token}, headers=HTMX).status_code == 200
+
+
+def test_the_open_invoices_own_page_says_stripes_state_in_plain_words(client, auth, db, billed):
+    _, invoice = billed
+    db.session.add(SyncRun(invoice_id=invoice.id, trigger="manual", finished_at=utcnow(), outcome="rejected",
+                           error="card_declined"))
+    db.session.commit()
+    auth.login("ann@example.com")
+    page = client.get(f"/orgs/initech/invoices/{invoice.id}").get_data(as_text=True)
+    assert PHRASES[FAILING] in page and "rejected" not in page and "card_declined" not in page

@@ -46,3 +46,8 @@ def stripe_status(invoice: Invoice, last_sync: SyncRun | None) -> StripeStatus:
     if last_sync is not None and last_sync.outcome not in _SUCCEEDED + _WAITING:
         return StripeStatus(FAILING)
     return StripeStatus(UPDATING)
+
+
+def register(app) -> None:
+    """`stripe_status(invoice, last_sync)` in every template (the `sync_status` macro)."""
+    app.add_template_global(stripe_status, "stripe_status")
