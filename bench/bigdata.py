@@ -21,7 +21,8 @@ What it holds, all for the current billing period (cycles anchored on the 1st):
   each has two paid invoices of earlier periods and one finished sync run.
 
 Returns the sizes, whether it was built now, the time it took, the login details,
-and sample slugs (`typical`: a spread of ordinary organizations; `large`).
+and sample slugs (`typical`: a spread of ordinary organizations; `large`) with
+their open invoices' ids (`open_invoice_ids`, by slug).
 """
 from __future__ import annotations
 
@@ -73,9 +74,11 @@ def _set_marker(connection, marker: str | None) -> None:
 
 def _sample(connection, organizations: int) -> dict:
     step = max(1, organizations // 10)
-    typical = [row[0] for row in connection.execute(
-        "SELECT slug FROM organizations WHERE id > 2 AND (id - 3) %% %s = 0 ORDER BY id LIMIT 10", (step,))]
-    return {"typical": typical, "large": LARGE_SLUG}
+    rows = connection.execute(
+        "SELECT o.slug, i.id FROM organizations o JOIN invoices i ON i.organization_id = o.id AND i.status = 'open'"
+        " WHERE o.id = 1 OR (o.id > 2 AND (o.id - 3) %% %s = 0) ORDER BY o.id LIMIT 11", (step,)).fetchall()
+    return {"typical": [slug for slug, _ in rows if slug != LARGE_SLUG], "large": LARGE_SLUG,
+            "open_invoice_ids": dict(rows)}
 
 
 def _password_hash() -> str:

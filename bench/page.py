@@ -75,15 +75,16 @@ def _timed(session: requests.Session, url: str, headers: dict | None = None, fir
 
 
 def export_path() -> str | None:
-    """The usage-CSV export's URL pattern (with `{slug}`), if the portal has the route."""
+    """The usage-CSV export's URL pattern (`{slug}`, and `{invoice_id}` when the route
+    names the invoice), if the portal has the route."""
     os.environ.setdefault("SECRET_KEY", "bench")
     from portal import create_app
 
     app = create_app()
     for rule in app.url_map.iter_rules():
-        if rule.endpoint.startswith("customer.") and "export" in rule.rule and "GET" in rule.methods \
-                and "usage" in rule.rule and set(rule.arguments) == {"slug"}:
-            return rule.rule.replace("<slug:slug>", "{slug}").replace("<slug>", "{slug}")
+        if (rule.endpoint.startswith("customer.") and "GET" in rule.methods and "usage" in rule.rule
+                and rule.rule.endswith(".csv") and set(rule.arguments) <= {"slug", "invoice_id"}):
+            return re.sub(r"<(?:[a-z]+:)?(slug|invoice_id)>", r"{\1}", rule.rule)
     return None
 
 
@@ -98,9 +99,14 @@ def measure(base: str, dataset: dict, requests_per_url: int, export: str | None)
         "page_large_org": lambda n: (f"{base}/orgs/{large}/billing", None, False),
         "refresh_large_org": lambda n: (f"{base}/orgs/{large}/billing/current", htmx, False),
     }
+    invoices = dataset["slugs"]["open_invoice_ids"]
+
+    def export_url(slug: str) -> str:
+        return base + export.format(slug=slug, invoice_id=invoices[slug])
+
     if export:
-        kinds["export_ttfb"] = lambda n: (base + export.format(slug=typical[n % len(typical)]), None, True)
-        kinds["export_ttfb_large_org"] = lambda n: (base + export.format(slug=large), None, True)
+        kinds["export_ttfb"] = lambda n: (export_url(typical[n % len(typical)]), None, True)
+        kinds["export_ttfb_large_org"] = lambda n: (export_url(large), None, True)
     for n in range(20):  # warm the workers, their pools and PostgreSQL's cache
         for kind in kinds.values():
             _timed(session, *kind(n))

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
+from flask import Blueprint, abort, flash, g, redirect, render_template, request, url_for
 from flask_login import current_user, login_required
 from sqlalchemy import and_, select
 from sqlalchemy.orm import selectinload
@@ -35,12 +35,16 @@ def _organization_or_404(slug: str) -> Organization:
     ).first()
     if row is None or (row.Membership is None and not current_user.is_support):
         abort(404)
+    g.customer_roles = {row.Organization.id: row.Membership.role if row.Membership else None}
     return row.Organization
 
 
 def _role_in(organization: Organization) -> str | None:
     """The signed-in user's role in the organization ("owner", "member"), None for
     support staff and anyone else."""
+    known = g.get("customer_roles", {})
+    if organization.id in known:  # read with the organization by `_organization_or_404`
+        return known[organization.id]
     membership = db.session.get(Membership, (current_user.id, organization.id))
     return membership.role if membership is not None else None
 
