@@ -59,6 +59,20 @@
     Array.prototype.forEach.call(canvases, draw);
   }
 
+  /* What the customer opened stays open when a new copy of the invoice comes in. */
+  var keptOpen = [];
+  document.addEventListener("htmx:beforeSwap", function (event) {
+    var opened = event.detail.target.querySelectorAll("details[data-keep-open][open]");
+    keptOpen = Array.prototype.map.call(opened, function (details) { return details.dataset.keepOpen; });
+  });
+  document.addEventListener("htmx:afterSwap", function () {
+    keptOpen.forEach(function (key) {
+      var details = document.querySelector('details[data-keep-open="' + key + '"]');
+      if (details) details.open = true;
+    });
+    keptOpen = [];
+  });
+
   document.addEventListener("DOMContentLoaded", function () { drawAll(document); });
   document.addEventListener("htmx:load", function (event) { drawAll(event.target); });
 })();

@@ -112,6 +112,9 @@ def test_a_customer_watches_the_invoice_move_and_syncs_it(db, make, live_server,
                                timeout=15_000)
         assert page.evaluate("() => window.notReloaded") is True
         assert "Updating Stripe…" in page.locator("#stripe-state").inner_text()
+        # What the customer had opened is still open, and shows the new machine.
+        assert page.locator("#projection").get_attribute("open") is not None
+        assert "web-2" in page.locator(".line-group[open]", has_text="Shared CPU").inner_text()
 
         # Sync now: queued, then done, and Stripe is up to date, all in place.
         page.get_by_role("button", name="Sync now").click()
