@@ -51,7 +51,7 @@ def test_billing_page_says_when_the_invoice_was_last_synced_and_what_is_pending(
     organization, invoice, _ = billed
     auth.login("ann@example.com")
     page = client.get(f"/orgs/{organization.slug}/billing").get_data(as_text=True)
-    assert "Not synced with Stripe yet" in page and "changes pending" in page
+    assert "Updating Stripe…" in page and "Stripe is up to date" not in page
 
     finished = utcnow().replace(microsecond=0)
     db.session.add(SyncRun(invoice_id=invoice.id, trigger="schedule", started_at=finished - timedelta(seconds=2),
@@ -60,8 +60,8 @@ def test_billing_page_says_when_the_invoice_was_last_synced_and_what_is_pending(
                        .values(synced_seq=Invoice.change_seq))
     db.session.commit()
     page = client.get(f"/orgs/{organization.slug}/billing").get_data(as_text=True)
-    assert f"Last synced with Stripe at {finished:%Y-%m-%d %H:%M} UTC (synced)" in page
-    assert "no changes pending" in page
+    assert f"Stripe is up to date <small>(last sent {finished:%Y-%m-%d %H:%M} UTC)</small>" in page
+    assert "Updating Stripe" not in page and "(synced)" not in page
 
 
 def test_billing_page_lists_attached_services_but_not_detached_ones(client, auth, db, make, billed):
@@ -218,4 +218,39 @@ def test_billing_page_queries_do_not_grow_with_items_services_or_invoices(client
 
     few, many = add(1), add(30)
     assert many == few, count_queries.statements
-    assert many <= 11, count_queries.statements  # 11th: the spend alerts with their crossings
+    # The chart is one grouped query, the projection three, the spend alerts with their crossings
+    # one, whatever the number of lines or events.
+    assert many <= 14, "\n".join(s[:150] for s in count_queries.statements)
+
+
+def test_live_refresh_queries_do_not_grow_with_lines_or_events(client, auth, db, make, count_queries):
+    from portal.billing.usage import ingest_usage
+
+    organization = make.organization(slug="busy")
+    make.product("machines.shared-cpu-1x", unit_price="0.0011")
+    make.open_invoice(organization)
+    make.user("ann@example.com", organization=organization)
+    auth.login("ann@example.com")
+    sent = 0
+
+    def add(n: int) -> tuple[int, int]:
+        nonlocal sent
+        events = []
+        for i in range(n):
+            sent += 1
+            events.append({"id": f"e{sent}", "organization": "busy", "product": "machines.shared-cpu-1x",
+                           "quantity": "60", "resource": f"machine-{i}", "occurred_at": utcnow().isoformat()})
+        ingest_usage("test", events)
+        db.session.commit()
+        with count_queries as counted:
+            response = client.get("/orgs/busy/billing/current", headers={"HX-Request": "true"})
+        assert response.status_code == 200
+        seen = response.get_data(as_text=True).split("seen=")[1].split('"')[0]
+        with count_queries as unchanged:
+            assert client.get(f"/orgs/busy/billing/current?seen={seen}",
+                              headers={"HX-Request": "true"}).status_code == 204
+        return counted.count, unchanged.count
+
+    few, many = add(1), add(40)
+    assert many == few, count_queries.statements
+    assert many[0] <= 11 and many[1] <= 6, many

@@ -62,7 +62,7 @@ def test_owner_attaches_a_service_for_the_quoted_rest_of_the_period(client, auth
     assert quote - 1 <= charged <= quote  # seconds later: the same formula, a moment less of the period
     page = client.get("/orgs/initech/billing").get_data(as_text=True)
     current = page.split('id="current-invoice"')[1].split("</section>")[0]
-    assert "Dedicated IPv4 (edge)" in current
+    assert "Dedicated IPv4" in current and ">edge<" in current  # its product group, the resource inside
     assert "is on the current invoice for the rest of the period" in page
     service = db.session.scalar(select(ServiceAttachment))
     assert (service.quantity, service.resource) == (Decimal(3), "edge")

@@ -18,6 +18,7 @@ from portal.billing.alerts import add_alert
 from portal.billing.credits import add_credit
 from portal.billing.pricing import add_quantity
 from portal.billing.services import attach_service
+from portal.billing.sync_queue import enqueue_sync
 from tests.security_stats import record_stats
 
 STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
@@ -71,6 +72,8 @@ def two_orgs(db, make):
     # Support's recovery routes name a recovery, a stored Stripe event and a failed job.
     values["own"].update(name="retry-close", event_id=1, queue_name="default", job_id=f"portal-close-{mine.id}")
     db.session.rollback()
+    for owner in values.values():  # a "Sync now" of each organization's invoice
+        owner["job_id"] = enqueue_sync(owner["invoice_id"])
     return values
 
 

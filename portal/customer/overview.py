@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sqlalchemy import select
-from sqlalchemy.orm import joinedload, selectinload
+from sqlalchemy.orm import joinedload
 
+from portal.customer.current import CurrentInvoice, current_invoice
 from portal.extensions import db
 from portal.models import Invoice, InvoiceItem, Organization, ServiceAttachment, SyncRun
 
@@ -18,6 +19,7 @@ class BillingOverview:
     last_sync: SyncRun | None
     services: list[ServiceAttachment]
     past: list[Invoice]
+    current_view: CurrentInvoice | None = None
 
 
 def last_finished_sync(invoice_id: int) -> SyncRun | None:
@@ -42,14 +44,20 @@ def active_services(organization: Organization) -> list[ServiceAttachment]:
     )
 
 
-def billing_overview(organization: Organization) -> BillingOverview:
-    """The open invoice with its items, its last sync, the services attached now,
-    and the earlier invoices (without their items: the page lists them only)."""
-    current = db.session.scalar(
+def open_invoice_with_items(organization: Organization) -> Invoice | None:
+    """The open invoice with its items and their products, in one query."""
+    return db.session.scalars(
         select(Invoice)
         .where(Invoice.organization_id == organization.id, Invoice.status == "open")
-        .options(selectinload(Invoice.items).joinedload(InvoiceItem.product))
-    )
+        .options(joinedload(Invoice.items).joinedload(InvoiceItem.product))
+    ).unique().first()
+
+
+def billing_overview(organization: Organization) -> BillingOverview:
+    """The open invoice with its items (and what its partial shows), its last sync,
+    the services attached now, and the earlier invoices (without their items: the
+    page lists them only)."""
+    current = open_invoice_with_items(organization)
     past = list(
         db.session.scalars(
             select(Invoice)
@@ -57,10 +65,12 @@ def billing_overview(organization: Organization) -> BillingOverview:
             .order_by(Invoice.period_start.desc(), Invoice.id.desc())
         )
     )
+    last_sync = last_finished_sync(current.id) if current else None
     return BillingOverview(
         organization=organization,
         current=current,
-        last_sync=last_finished_sync(current.id) if current else None,
+        last_sync=last_sync,
         services=active_services(organization),
         past=past,
+        current_view=current_invoice(current, last_sync) if current else None,
     )

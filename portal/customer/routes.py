@@ -1,8 +1,8 @@
 from __future__ import annotations
 
-from flask import Blueprint, abort, flash, redirect, render_template, url_for
+from flask import Blueprint, abort, flash, g, redirect, render_template, request, url_for
 from flask_login import current_user, login_required
-from sqlalchemy import select
+from sqlalchemy import and_, select
 from sqlalchemy.orm import selectinload
 
 from portal.customer.overview import billing_overview, last_finished_sync
@@ -25,21 +25,26 @@ def _organizations_of_user() -> list[Organization]:
 
 
 def _organization_or_404(slug: str) -> Organization:
-    """The organization by slug, if the signed-in user may see it (support sees all)."""
-    query = select(Organization).where(Organization.slug == slug)
-    if not current_user.is_support:
-        query = query.join(Membership, Membership.organization_id == Organization.id).where(
-            Membership.user_id == current_user.id
-        )
-    organization = db.session.scalar(query)
-    if organization is None:
+    """The organization by slug, if the signed-in user may see it (support sees all).
+    The user's membership comes in the same query, so `_role_in` asks nothing more."""
+    row = db.session.execute(
+        select(Organization, Membership)
+        .outerjoin(Membership, and_(Membership.organization_id == Organization.id,
+                                    Membership.user_id == current_user.id))
+        .where(Organization.slug == slug)
+    ).first()
+    if row is None or (row.Membership is None and not current_user.is_support):
         abort(404)
-    return organization
+    g.customer_roles = {row.Organization.id: row.Membership.role if row.Membership else None}
+    return row.Organization
 
 
 def _role_in(organization: Organization) -> str | None:
     """The signed-in user's role in the organization ("owner", "member"), None for
     support staff and anyone else."""
+    known = g.get("customer_roles", {})
+    if organization.id in known:  # read with the organization by `_organization_or_404`
+        return known[organization.id]
     membership = db.session.get(Membership, (current_user.id, organization.id))
     return membership.role if membership is not None else None
 
@@ -63,9 +68,13 @@ def billing():
 @bp.get("/orgs/<slug:slug>/billing")
 @login_required
 def organization_billing(slug: str):
+    from portal.customer.live import progress_on_page
+
     organization = _organization_or_404(slug)
-    return render_template("customer/billing.html", overview=billing_overview(organization),
-                           organization=organization, role=_role_in(organization))
+    overview = billing_overview(organization)
+    return render_template("customer/billing.html", overview=overview, organization=organization,
+                           role=_role_in(organization),
+                           sync_progress=progress_on_page(organization, overview.current, request.args.get("sync")))
 
 
 @bp.post("/orgs/<slug:slug>/billing/payment-methods")

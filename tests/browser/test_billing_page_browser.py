@@ -53,6 +53,7 @@ def test_member_signs_in_and_sees_the_current_invoice_total(db, make, live_serve
         assert page.get_by_role("heading", name="Initech").is_visible()
         current = page.locator("#current-invoice")
         assert current.locator("tfoot .total").inner_text().strip() == "$20.11"
+        current.locator(".line-group summary", has_text="Shared CPU").click()  # its machines, folded until asked
         assert "web-1" in current.inner_text() and "worker-1" in current.inner_text()
 
 
