@@ -8,7 +8,7 @@ run, at two sizes of the same density.
     .venv/bin/python bench/page.py --sizes 1000:200000,10000:2000000 --requests 300
 
 BENCH_FULL=1 is the same as --full. Needs PostgreSQL (BENCH_DATABASE_URL, default
-postgresql://postgres@127.0.0.1:5432/test_13a; its schema is rebuilt when the dataset
+postgresql://postgres@127.0.0.1:5432/portal_bench_pages; its schema is rebuilt when the dataset
 there is not the one asked for, see bench/bigdata.py) and Redis (BENCH_REDIS_URL,
 default redis://127.0.0.1:6379/1). gunicorn serves the portal (2 workers); one
 client signed in as support staff asks for each URL in turn (ordinary organizations
@@ -128,7 +128,7 @@ def main() -> None:
     sizes = FULL if args.full else QUICK
     if args.sizes:
         sizes = tuple(tuple(int(part) for part in pair.split(":")) for pair in args.sizes.split(","))
-    database = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test_13a")
+    database = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/portal_bench_pages")
     redis = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/1")
     export = export_path()
     print("usage CSV export:", export or "no such route in this portal (not measured)")

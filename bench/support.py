@@ -8,7 +8,7 @@ column against the old scan of every payload.
     .venv/bin/python bench/support.py --sizes 1000:200000 --requests 300 --stripe-events-per-org 20
 
 BENCH_FULL=1 is the same as --full. Needs PostgreSQL (BENCH_DATABASE_URL, default
-postgresql://postgres@127.0.0.1:5432/test_14b: its schema is rebuilt when the dataset
+postgresql://postgres@127.0.0.1:5432/portal_bench_pages: its schema is rebuilt when the dataset
 there is not the one asked for, see bench/bigdata.py) and Redis (BENCH_REDIS_URL,
 default redis://127.0.0.1:6379/4). On top of that dataset every organization gets a
 Stripe customer, its open invoice a Stripe draft, and STRIPE_EVENTS_PER_ORG stored
@@ -167,7 +167,7 @@ def main() -> None:
     sizes = FULL if args.full else QUICK
     if args.sizes:
         sizes = tuple(tuple(int(part) for part in pair.split(":")) for pair in args.sizes.split(","))
-    database = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test_14b")
+    database = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/portal_bench_pages")
     redis = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/4")
     results = []
     for organizations, events in sizes:
