@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
+import statistics
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
 import psycopg
+import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,3 +57,25 @@ def start_web(env: dict, workers: int, threads: int = 1, port: int | None = None
             time.sleep(0.1)
     process.kill()
     raise SystemExit("the web server did not start")
+
+
+def percentiles(samples: list[float]) -> dict:
+    """p50 and p95 of `samples` (seconds), in milliseconds."""
+    ordered = sorted(samples)
+    p95 = ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))]
+    return {"n": len(ordered), "p50_ms": round(statistics.median(ordered) * 1000, 2),
+            "p95_ms": round(p95 * 1000, 2)}
+
+
+def sign_in(base: str, email: str, password: str) -> requests.Session:
+    """A session signed in through the login form (its CSRF token included)."""
+    session = requests.Session()
+    form = session.get(base + "/login").text
+    token = re.search(r'name="csrf_token"[^>]*value="([^"]+)"', form)
+    data = {"email": email, "password": password}
+    if token:
+        data["csrf_token"] = token.group(1)
+    response = session.post(base + "/login", data=data, allow_redirects=False)
+    if response.status_code not in (302, 303):
+        raise SystemExit(f"could not sign in as {email}: {response.status_code}")
+    return session

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import re
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,30 +32,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bigdata import ensure  # noqa: E402
-from bench.common import start_web  # noqa: E402
+from bench.common import percentiles, sign_in, start_web  # noqa: E402
 
 QUICK = ((100, 20_000), (1_000, 200_000))
 FULL = ((1_000, 500_000), (10_000, 5_000_000))
-
-
-def _percentiles(samples: list[float]) -> dict:
-    ordered = sorted(samples)
-    p95 = ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))]
-    return {"n": len(ordered), "p50_ms": round(statistics.median(ordered) * 1000, 2),
-            "p95_ms": round(p95 * 1000, 2)}
-
-
-def _sign_in(base: str, email: str, password: str) -> requests.Session:
-    session = requests.Session()
-    form = session.get(base + "/login").text
-    token = re.search(r'name="csrf_token"[^>]*value="([^"]+)"', form)
-    data = {"email": email, "password": password}
-    if token:
-        data["csrf_token"] = token.group(1)
-    response = session.post(base + "/login", data=data, allow_redirects=False)
-    if response.status_code not in (302, 303):
-        raise SystemExit(f"could not sign in as {email}: {response.status_code}")
-    return session
 
 
 def _timed(session: requests.Session, url: str, headers: dict | None = None, first_byte: bool = False) -> float:
@@ -89,7 +68,7 @@ def export_path() -> str | None:
 
 
 def measure(base: str, dataset: dict, requests_per_url: int, export: str | None) -> dict:
-    session = _sign_in(base, dataset["support_email"], dataset["password"])
+    session = sign_in(base, dataset["support_email"], dataset["password"])
     typical, large = dataset["slugs"]["typical"], dataset["slugs"]["large"]
     htmx = {"HX-Request": "true"}
     kinds = {
@@ -114,7 +93,7 @@ def measure(base: str, dataset: dict, requests_per_url: int, export: str | None)
     for n in range(requests_per_url):
         for name, kind in kinds.items():
             samples[name].append(_timed(session, *kind(n)))
-    return {name: _percentiles(values) for name, values in samples.items()}
+    return {name: percentiles(values) for name, values in samples.items()}
 
 
 def main() -> None:

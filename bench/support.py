@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -37,30 +35,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bigdata import ensure  # noqa: E402
-from bench.common import start_web  # noqa: E402
+from bench.common import percentiles, sign_in, start_web  # noqa: E402
 
 QUICK = ((100, 20_000), (1_000, 200_000))
 FULL = ((1_000, 5_000_000), (10_000, 5_000_000))
 STRIPE_EVENTS_PER_ORG = 20
 LARGE_SHARE = 20  # the large organization's share of the Stripe events: 1/LARGE_SHARE
-
-
-def _percentiles(samples: list[float]) -> dict:
-    ordered = sorted(samples)
-    p95 = ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))]
-    return {"n": len(ordered), "p50_ms": round(statistics.median(ordered) * 1000, 2),
-            "p95_ms": round(p95 * 1000, 2)}
-
-
-def _sign_in(base: str, email: str, password: str) -> requests.Session:
-    session = requests.Session()
-    form = session.get(base + "/login").text
-    token = re.search(r'name="csrf_token"[^>]*value="([^"]+)"', form)
-    data = {"email": email, "password": password, **({"csrf_token": token.group(1)} if token else {})}
-    response = session.post(base + "/login", data=data, allow_redirects=False)
-    if response.status_code not in (302, 303):
-        raise SystemExit(f"could not sign in as {email}: {response.status_code}")
-    return session
 
 
 def _timed(session: requests.Session, url: str) -> float:
@@ -131,12 +111,12 @@ def lookup_in_sql(database_url: str, samples: int = 20) -> dict:
                 started = time.perf_counter()
                 connection.execute(sql).fetchall()
                 times.append(time.perf_counter() - started)
-            figures[name] = _percentiles(times)
+            figures[name] = percentiles(times)
     return figures
 
 
 def measure(base: str, dataset: dict, requests_per_url: int) -> dict:
-    session = _sign_in(base, dataset["support_email"], dataset["password"])
+    session = sign_in(base, dataset["support_email"], dataset["password"])
     typical, large = dataset["slugs"]["typical"], dataset["slugs"]["large"]
     terms = [slug[-3:] for slug in typical] + ["Organization 1", "big", "no-such-organization"]
     kinds = {
@@ -152,7 +132,7 @@ def measure(base: str, dataset: dict, requests_per_url: int) -> dict:
     for n in range(requests_per_url):
         for name, kind in kinds.items():
             samples[name].append(_timed(session, kind(n)))
-    return {name: _percentiles(values) for name, values in samples.items()}
+    return {name: percentiles(values) for name, values in samples.items()}
 
 
 def main() -> None:

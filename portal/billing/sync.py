@@ -278,43 +278,36 @@ class _Run:
         return True
 
     def _claim_customer(self, customer_id: str, replacing: str | None) -> bool:
-        """Save the organization's Stripe customer, only while the lock is still ours
-        (a run that lost it leaves what it created unclaimed: the holder adopts it by
-        metadata or makes its own) and only over no customer or the one being
-        replaced: the first claim wins. False, with the winner's id loaded, when
-        another run (of the organization's other invoice) claimed one first."""
-        organization = self.organization
-        self._fence()
-        claimed = db.session.execute(
-            update(Organization).where(
-                Organization.id == organization.id,
-                or_(Organization.stripe_customer_id.is_(None), Organization.stripe_customer_id == replacing))
-            .values(stripe_customer_id=customer_id).execution_options(synchronize_session=False)
-        ).rowcount
-        db.session.commit()
-        db.session.refresh(organization)
-        if not claimed and organization.stripe_customer_id != customer_id:
-            self.notes.append(f"Stripe customer {customer_id} was left unused: another run had claimed "
-                              f"{organization.stripe_customer_id} for the organization")
-            return False
-        return True
+        """Save the organization's Stripe customer (see `_claim`). False, with the
+        winner's id loaded, when another run (of the organization's other invoice)
+        claimed one first: the one this run made is left unused."""
+        if self._claim(self.organization, Organization.stripe_customer_id, customer_id, replacing):
+            return True
+        self.notes.append(f"Stripe customer {customer_id} was left unused: another run had claimed "
+                          f"{self.organization.stripe_customer_id} for the organization")
+        return False
 
     def _claim_draft(self, draft_id: str, replacing: str | None) -> None:
-        """Save the invoice's Stripe draft, only while the lock is still ours and only
-        over no draft or the one being replaced; anything else means the lock is lost."""
-        invoice = self.invoice
+        """Save the invoice's Stripe draft (see `_claim`); another run's claim means
+        the lock is lost."""
+        if not self._claim(self.invoice, Invoice.stripe_invoice_id, draft_id, replacing):
+            raise LockLost(f"invoice {self.invoice.id} got Stripe draft {self.invoice.stripe_invoice_id} from "
+                           f"another run while this one created {draft_id}")
+
+    def _claim(self, row, column, stripe_id: str, replacing: str | None) -> bool:
+        """Save a Stripe id on `row` only while the lock is still ours (a run that lost
+        it leaves what it created unclaimed: the holder adopts it by metadata or makes
+        its own) and only over no id or the one being replaced: the first claim wins.
+        True if `row` now holds `stripe_id`; `row` is reloaded either way."""
+        model = type(row)
         self._fence()
         claimed = db.session.execute(
-            update(Invoice).where(
-                Invoice.id == invoice.id,
-                or_(Invoice.stripe_invoice_id.is_(None), Invoice.stripe_invoice_id == replacing))
-            .values(stripe_invoice_id=draft_id).execution_options(synchronize_session=False)
+            update(model).where(model.id == row.id, or_(column.is_(None), column == replacing))
+            .values({column.key: stripe_id}).execution_options(synchronize_session=False)
         ).rowcount
         db.session.commit()
-        db.session.refresh(invoice)
-        if not claimed and invoice.stripe_invoice_id != draft_id:
-            raise LockLost(f"invoice {invoice.id} got Stripe draft {invoice.stripe_invoice_id} from another "
-                           f"run while this one created {draft_id}")
+        db.session.refresh(row)
+        return bool(claimed) or getattr(row, column.key) == stripe_id
 
     def _fence(self) -> None:
         if self.stripe.fence is not None:
